@@ -1,0 +1,455 @@
+// pybind11 module mha_ext._core: converts NumPy arrays into one AttentionParams, releases the
+// GIL, calls the dispatcher and returns new arrays. Shape and dtype checks live here (the
+// arrays are only visible here); value checks live in check_params(). No numerics.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "dispatch.h"
+#include "params.h"
+
+namespace py = pybind11;
+
+namespace mha {
+namespace {
+
+// Score kinds as the Python layer passes them.
+enum ScoreArg : int { kScoreScaledDot = 0, kScoreDot = 1, kScoreGeneral = 2, kScoreAdditive = 3 };
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        s += std::to_string(a.shape(i));
+        if (a.ndim() == 1 || i + 1 < a.ndim()) s += a.ndim() == 1 ? "," : ", ";
+    }
+    return s + ")";
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+        s += std::to_string(shape[i]);
+        if (shape.size() == 1 || i + 1 < shape.size()) s += shape.size() == 1 ? "," : ", ";
+    }
+    return s + ")";
+}
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype().attr("name")); }
+
+bool is_bfloat16(const py::dtype& dt) {
+    return dt.itemsize() == 2 && dt.kind() == 'V' && py::str(dt.attr("name")).cast<std::string>() == "bfloat16";
+}
+
+// The attention dtype of an array, or false when it has none.
+bool classify(const py::array& a, DType* out) {
+    const py::dtype dt = a.dtype();
+    const char kind = dt.kind();
+    if (kind == 'f') {
+        switch (dt.itemsize()) {
+            case 4: *out = DType::kFloat32; return true;
+            case 8: *out = DType::kFloat64; return true;
+            case 2: *out = DType::kFloat16; return true;
+            default: return false;
+        }
+    }
+    if (is_bfloat16(dt)) {
+        *out = DType::kBFloat16;
+        return true;
+    }
+    return false;
+}
+
+// A view whose last axis is contiguous and whose strides are whole elements; else a C copy.
+py::array fast_path_view(py::array a) {
+    const py::ssize_t item = a.itemsize();
+    bool ok = a.ndim() == 0 || a.shape(a.ndim() - 1) <= 1 || a.strides(a.ndim() - 1) == item;
+    for (py::ssize_t i = 0; ok && i < a.ndim(); ++i) ok = a.strides(i) % item == 0;
+    if (ok) return a;
+    static py::object ascontiguousarray = py::module_::import("numpy").attr("ascontiguousarray");
+    return ascontiguousarray(a);
+}
+
+int64_t elem_stride(const py::array& a, py::ssize_t axis) {
+    return a.shape(axis) <= 1 ? 0 : static_cast<int64_t>(a.strides(axis) / a.itemsize());
+}
+
+// [lo, hi) byte range spanned by an array.
+void byte_extent(const py::array& a, uintptr_t* lo, uintptr_t* hi) {
+    uintptr_t start = reinterpret_cast<uintptr_t>(a.data());
+    intptr_t low = 0, high = a.itemsize();
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        if (a.shape(i) == 0) {
+            *lo = *hi = start;
+            return;
+        }
+        const intptr_t span = static_cast<intptr_t>(a.strides(i)) * (a.shape(i) - 1);
+        (span < 0 ? low : high) += span;
+    }
+    *lo = start + low;
+    *hi = start + high;
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+    uintptr_t alo, ahi, blo, bhi;
+    byte_extent(a, &alo, &ahi);
+    byte_extent(b, &blo, &bhi);
+    return alo < ahi && blo < bhi && alo < bhi && blo < ahi;
+}
+
+// Logical (batch, heads, seq, dim) axes of a q/k/v/out array of rank 2..4 in a layout:
+// the numpy axis index of each, or -1 when the axis is implicit (size 1).
+struct Axes {
+    int b, h, l, d;
+};
+Axes axes_of(int rank, bool blhd) {
+    if (rank == 4) return blhd ? Axes{0, 2, 1, 3} : Axes{0, 1, 2, 3};
+    if (rank == 3) return blhd ? Axes{-1, 1, 0, 2} : Axes{-1, 0, 1, 2};
+    return Axes{-1, -1, 0, 1};
+}
+
+struct Dims4 {
+    int64_t b, h, l, d;
+    int64_t sb, sh, sl;  // element strides
+};
+Dims4 dims_of(const py::array& a, const Axes& ax) {
+    auto size = [&](int axis) { return axis < 0 ? int64_t{1} : static_cast<int64_t>(a.shape(axis)); };
+    auto stride = [&](int axis) { return axis < 0 ? int64_t{0} : elem_stride(a, axis); };
+    return {size(ax.b), size(ax.h), size(ax.l), size(ax.d), stride(ax.b), stride(ax.h),
+            stride(ax.l)};
+}
+
+// Shape of a result in the caller's rank and layout.
+std::vector<int64_t> shape_of(int rank, bool blhd, int64_t b, int64_t h, int64_t l, int64_t d) {
+    if (rank == 4) return blhd ? std::vector<int64_t>{b, l, h, d} : std::vector<int64_t>{b, h, l, d};
+    if (rank == 3) return blhd ? std::vector<int64_t>{l, h, d} : std::vector<int64_t>{h, l, d};
+    return {l, d};
+}
+
+// Broadcast strides (elements) of a mask/bias against target (B, Hq, Lq, Lk), in that order.
+void broadcast_strides(const py::array& a, const char* name, const int64_t target[4],
+                       int64_t strides[4]) {
+    const int nd = static_cast<int>(a.ndim());
+    bool ok = nd <= 4;
+    for (int i = 0; ok && i < nd; ++i) {
+        const int t = 4 - nd + i;
+        const int64_t n = a.shape(i);
+        ok = n == target[t] || n == 1;
+    }
+    if (!ok) {
+        throw std::invalid_argument(detail::concat(
+            name, ": shape ", shape_str(a), " is not broadcastable to (B, Hq, Lq, Lk) = ",
+            shape_str(std::vector<int64_t>(target, target + 4))));
+    }
+    for (int t = 0; t < 4; ++t) {
+        const int i = t - (4 - nd);
+        strides[t] = (i < 0 || a.shape(i) == 1) ? 0 : static_cast<int64_t>(a.strides(i) / a.itemsize());
+    }
+}
+
+// A float parameter array converted to the accumulation type (float or double), C-contiguous.
+py::array as_accum(const py::handle& obj, bool dbl, const char* name) {
+    py::array a = py::array::ensure(obj);
+    if (!a) throw type_error(detail::concat(name, ": expected a NumPy array"));
+    const char kind = a.dtype().kind();
+    const bool numeric = kind == 'f' || kind == 'i' || kind == 'u' || is_bfloat16(a.dtype());
+    MHA_CHECK_TYPE(numeric, name, ": expected a real floating-point array, got dtype ",
+                   dtype_name(a));
+    if (dbl) return py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
+    return py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+py::object attention(py::array q, py::array k, py::array v, py::object mask, py::object bias,
+                     int causal, int64_t window_left, int64_t window_right,
+                     py::object key_lengths, py::object scale, int score,
+                     py::object score_wq, py::object score_wk, py::object score_w,
+                     bool return_weights, bool return_lse, bool blhd, int device,
+                     py::object num_threads, py::object out, bool naive) {
+    AttentionParams p{};
+    p.naive = naive;
+
+    // dtypes: one float dtype for q, k, v.
+    DType dq_type, dk_type, dv_type;
+    const bool q_ok = classify(q, &dq_type), k_ok = classify(k, &dk_type),
+               v_ok = classify(v, &dv_type);
+    MHA_CHECK_TYPE(q_ok && k_ok && v_ok && dq_type == dk_type && dq_type == dv_type,
+                   "q, k, v must share one floating dtype (float32, float64, float16 or "
+                   "bfloat16); got q ",
+                   dtype_name(q), ", k ", dtype_name(k), ", v ", dtype_name(v));
+    p.dtype = dq_type;
+    const bool dbl = dtype_accumulates_in_double(p.dtype);
+
+    // Ranks and shapes.
+    const int rank = static_cast<int>(q.ndim());
+    MHA_CHECK(rank >= 2 && rank <= 4, "q: expected 2, 3 or 4 dimensions (", blhd ? "(B, L, H, D)" : "(B, H, L, D)",
+              " or fewer leading axes), got shape ", shape_str(q));
+    MHA_CHECK(k.ndim() == rank, "k: expected ", rank, " dimensions like q ", shape_str(q),
+              ", got shape ", shape_str(k));
+    MHA_CHECK(v.ndim() == rank, "v: expected ", rank, " dimensions like q ", shape_str(q),
+              ", got shape ", shape_str(v));
+    q = fast_path_view(q);
+    k = fast_path_view(k);
+    v = fast_path_view(v);
+    const Axes ax = axes_of(rank, blhd);
+    const Dims4 Q = dims_of(q, ax), K = dims_of(k, ax), V = dims_of(v, ax);
+    const char* lay = blhd ? "(B, L, H, D)" : "(B, H, L, D)";
+    MHA_CHECK(K.b == Q.b && V.b == Q.b, "k, v: batch size must match q's (", Q.b,
+              "); got k ", shape_str(k), ", v ", shape_str(v), " for q ", shape_str(q),
+              " in layout ", lay);
+    MHA_CHECK(V.h == K.h, "v: number of heads (", V.h, ") must match k's (", K.h, "); got k ",
+              shape_str(k), ", v ", shape_str(v), " in layout ", lay);
+    MHA_CHECK(V.l == K.l, "v: sequence length (", V.l, ") must match k's (", K.l,
+              "); got k ", shape_str(k), ", v ", shape_str(v), " in layout ", lay);
+    MHA_CHECK(K.h > 0 || Q.h == 0, "k: number of key/value heads must be at least 1; got k ",
+              shape_str(k), " in layout ", lay);
+    MHA_CHECK(K.h == 0 || Q.h % K.h == 0, "q, k: the number of query heads (", Q.h,
+              ") must be a multiple of the number of key/value heads (", K.h, "); got q ",
+              shape_str(q), ", k ", shape_str(k), " in layout ", lay);
+    MHA_CHECK(Q.d >= 1, "q: the head dimension D must be at least 1; got q ", shape_str(q));
+
+    p.batch = Q.b;
+    p.num_heads_q = Q.h;
+    p.num_heads_k = K.h;
+    p.seqlen_q = Q.l;
+    p.seqlen_k = K.l;
+    p.head_dim = Q.d;
+    p.head_dim_k = K.d;
+    p.head_dim_v = V.d;
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.q_stride_batch = Q.sb, p.q_stride_head = Q.sh, p.q_stride_seq = Q.sl;
+    p.k_stride_batch = K.sb, p.k_stride_head = K.sh, p.k_stride_seq = K.sl;
+    p.v_stride_batch = V.sb, p.v_stride_head = V.sh, p.v_stride_seq = V.sl;
+
+    // Score function and scale.
+    py::array wq, wk, wv;
+    switch (score) {
+        case kScoreScaledDot:
+        case kScoreDot:
+            p.score = Score::kDot;
+            MHA_CHECK(K.d == Q.d, "k: head dimension (", K.d, ") must equal q's (", Q.d,
+                      ") for a dot-product score; got q ", shape_str(q), ", k ", shape_str(k));
+            break;
+        case kScoreGeneral:
+            p.score = Score::kGeneral;
+            wq = as_accum(score_wq, dbl, "General.W");
+            MHA_CHECK(wq.ndim() == 2 && wq.shape(0) == Q.d && wq.shape(1) == K.d,
+                      "General.W: expected shape (D, Dk) = (", Q.d, ", ", K.d, "), got ",
+                      shape_str(wq));
+            p.score_wq = wq.data();
+            break;
+        case kScoreAdditive: {
+            p.score = Score::kAdditive;
+            wq = as_accum(score_wq, dbl, "W_q");
+            wk = as_accum(score_wk, dbl, "W_k");
+            wv = as_accum(score_w, dbl, "w");
+            MHA_CHECK(wv.ndim() == 1 && wv.shape(0) >= 1,
+                      "w: expected a vector of shape (A,) with A >= 1, got ", shape_str(wv));
+            const int64_t na = wv.shape(0);
+            MHA_CHECK(wq.ndim() == 2 && wq.shape(0) == Q.d && wq.shape(1) == na,
+                      "W_q: expected shape (D, A) = (", Q.d, ", ", na, "), got ", shape_str(wq));
+            MHA_CHECK(wk.ndim() == 2 && wk.shape(0) == K.d && wk.shape(1) == na,
+                      "W_k: expected shape (Dk, A) = (", K.d, ", ", na, "), got ", shape_str(wk));
+            p.score_dim = na;
+            p.score_wq = wq.data();
+            p.score_wk = wk.data();
+            p.score_w = wv.data();
+            break;
+        }
+        default:
+            throw std::invalid_argument("score: unknown score function");
+    }
+    if (scale.is_none()) {
+        p.scale = score == kScoreScaledDot ? 1.0 / std::sqrt(static_cast<double>(Q.d)) : 1.0;
+    } else {
+        double s;
+        try {
+            s = scale.cast<double>();
+        } catch (const py::cast_error&) {
+            throw type_error(detail::concat("scale: expected a float or None, got ",
+                                            std::string(py::str(py::type::of(scale).attr("__name__")))));
+        }
+        MHA_CHECK(std::isfinite(s), "scale: must be finite, got ", s);
+        p.scale = s;
+    }
+
+    // Masks: bool mask and float bias broadcast through zero strides to (B, Hq, Lq, Lk).
+    const int64_t target[4] = {Q.b, Q.h, Q.l, K.l};
+    py::array mask_arr, bias_arr, kl_arr;
+    if (!mask.is_none()) {
+        mask_arr = py::array::ensure(mask);
+        MHA_CHECK_TYPE(mask_arr && mask_arr.dtype().kind() == 'b',
+                       "mask: expected a bool array (True = may attend), got dtype ",
+                       mask_arr ? dtype_name(mask_arr) : std::string("object"),
+                       ". For an additive float mask (0 / -inf) pass it as bias=...; for a 0/1 "
+                       "mask where 1 means 'hidden' (the TensorFlow tutorial convention) pass "
+                       "mask=(m == 0)");
+        int64_t st[4];
+        broadcast_strides(mask_arr, "mask", target, st);
+        p.mask = static_cast<const uint8_t*>(mask_arr.data());
+        p.mask_stride_batch = st[0], p.mask_stride_head = st[1], p.mask_stride_q = st[2],
+        p.mask_stride_k = st[3];
+    }
+    if (!bias.is_none()) {
+        py::array raw = py::array::ensure(bias);
+        MHA_CHECK_TYPE(raw && (raw.dtype().kind() == 'f' || raw.dtype().kind() == 'i' ||
+                               raw.dtype().kind() == 'u' || is_bfloat16(raw.dtype())),
+                       "bias: expected a float array added to the scores, got dtype ",
+                       raw ? dtype_name(raw) : std::string("object"),
+                       raw && raw.dtype().kind() == 'b' ? " (use mask= for a bool mask)" : "");
+        bool same = dbl ? py::isinstance<py::array_t<double>>(raw) && raw.dtype().kind() == 'f' &&
+                              raw.itemsize() == 8
+                        : raw.dtype().kind() == 'f' && raw.itemsize() == 4;
+        bias_arr = same ? fast_path_view(raw) : as_accum(raw, dbl, "bias");
+        int64_t st[4];
+        broadcast_strides(bias_arr, "bias", target, st);
+        p.bias = bias_arr.data();
+        p.bias_stride_batch = st[0], p.bias_stride_head = st[1], p.bias_stride_q = st[2],
+        p.bias_stride_k = st[3];
+    }
+    if (!key_lengths.is_none()) {
+        py::array raw = py::array::ensure(key_lengths);
+        MHA_CHECK_TYPE(raw && (raw.dtype().kind() == 'i' || raw.dtype().kind() == 'u'),
+                       "key_lengths: expected an integer array of shape (B,), got dtype ",
+                       raw ? dtype_name(raw) : std::string("object"));
+        MHA_CHECK(raw.ndim() == 1 && raw.shape(0) == Q.b,
+                  "key_lengths: expected shape (B,) = (", Q.b, ",), got ", shape_str(raw));
+        kl_arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw);
+        // uint64 values above INT64_MAX would wrap: reject them as out of range.
+        if (raw.dtype().kind() == 'u' && raw.itemsize() == 8) {
+            const py::array_t<uint64_t> u = py::array_t<uint64_t, py::array::forcecast>::ensure(raw);
+            for (py::ssize_t b = 0; b < u.shape(0); ++b) {
+                MHA_CHECK(u.at(b) <= static_cast<uint64_t>(K.l), "key_lengths: entry ", b, " is ",
+                          u.at(b), ", expected 0 <= key_lengths[b] <= Lk = ", K.l);
+            }
+        }
+        p.key_lengths = static_cast<const int64_t*>(kl_arr.data());
+    }
+
+    MHA_CHECK(causal >= 0 && causal <= 2, "causal: expected False, True, 'bottom_right' or 'top_left'");
+    p.causal = static_cast<Causal>(causal);
+    MHA_CHECK(window_left >= -1 && window_right >= -1,
+              "window: expected (left, right) with each >= 0, or -1/None for unbounded; got (",
+              window_left, ", ", window_right, ")");
+    p.window_left = window_left;
+    p.window_right = window_right;
+
+    MHA_CHECK(device == 0 || device == 1, "device: expected 'cpu', 'cuda' or 'auto'");
+    p.device = static_cast<Device>(device);
+    if (!num_threads.is_none()) {
+        int64_t n;
+        try {
+            n = num_threads.cast<int64_t>();
+        } catch (const py::cast_error&) {
+            throw type_error("num_threads: expected an int or None");
+        }
+        MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
+        p.num_threads = static_cast<int>(n);
+    }
+
+    // Outputs.
+    const std::vector<int64_t> out_shape = shape_of(rank, blhd, Q.b, Q.h, Q.l, V.d);
+    py::array result;
+    if (out.is_none()) {
+        result = py::array(q.dtype(), out_shape);
+    } else {
+        MHA_CHECK_TYPE(py::isinstance<py::array>(out), "out: expected a NumPy array or None");
+        result = py::reinterpret_borrow<py::array>(out);
+        MHA_CHECK_TYPE(result.dtype().is(q.dtype()) || result.dtype().equal(q.dtype()),
+                       "out: expected dtype ", dtype_name(q), ", got ", dtype_name(result));
+        bool shape_ok = result.ndim() == static_cast<py::ssize_t>(out_shape.size());
+        for (size_t i = 0; shape_ok && i < out_shape.size(); ++i) {
+            shape_ok = result.shape(i) == out_shape[i];
+        }
+        MHA_CHECK(shape_ok, "out: expected shape ", shape_str(out_shape), ", got ",
+                  shape_str(result));
+        MHA_CHECK(result.flags() & py::array::c_style, "out: must be C-contiguous");
+        MHA_CHECK(result.writeable(), "out: must be writeable");
+        MHA_CHECK(!overlaps(result, q) && !overlaps(result, k) && !overlaps(result, v),
+                  "out: must not share memory with q, k or v");
+    }
+    const Dims4 O = dims_of(result, ax);
+    p.out = result.mutable_data();
+    p.out_stride_batch = O.sb, p.out_stride_head = O.sh, p.out_stride_seq = O.sl;
+    // Size-1 axes got stride 0 above; with one row per axis it is never used.
+
+    std::vector<int64_t> w_shape = {Q.b, Q.h, Q.l, K.l};
+    std::vector<int64_t> lse_shape = {Q.b, Q.h, Q.l};
+    if (rank < 4) {
+        w_shape.erase(w_shape.begin(), w_shape.begin() + (4 - rank));
+        lse_shape.erase(lse_shape.begin(), lse_shape.begin() + (4 - rank));
+    }
+    const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
+    py::array weights, lse;
+    if (return_weights) {
+        weights = py::array(acc_dtype, w_shape);
+        p.weights = weights.mutable_data();
+    }
+    if (return_lse) {
+        lse = py::array(acc_dtype, lse_shape);
+        p.lse = lse.mutable_data();
+    }
+
+    {
+        py::gil_scoped_release release;
+        attention_forward(p);
+    }
+
+    if (!return_weights && !return_lse) return std::move(result);
+    py::tuple t(1 + (return_weights ? 1 : 0) + (return_lse ? 1 : 0));
+    size_t i = 0;
+    t[i++] = result;
+    if (return_weights) t[i++] = weights;
+    if (return_lse) t[i++] = lse;
+    return std::move(t);
+}
+
+}  // namespace
+}  // namespace mha
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "mha_ext native core (see mha_ext.attention for the documented API)";
+    // mha::type_error -> TypeError; std::invalid_argument -> ValueError (pybind11's default).
+    py::register_exception_translator([](std::exception_ptr ptr) {
+        try {
+            if (ptr) std::rethrow_exception(ptr);
+        } catch (const mha::type_error& e) {
+            PyErr_SetString(PyExc_TypeError, e.what());
+        }
+    });
+
+    m.def("attention", &mha::attention, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("mask"), py::arg("bias"), py::arg("causal"), py::arg("window_left"),
+          py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("score"),
+          py::arg("score_wq"), py::arg("score_wk"), py::arg("score_w"),
+          py::arg("return_weights"), py::arg("return_lse"), py::arg("blhd"), py::arg("device"),
+          py::arg("num_threads"), py::arg("out"), py::arg("naive") = false);
+
+    m.def("build_info", [] {
+        const mha::BuildInfo info = mha::build_info();
+        py::dict d;
+        d["version"] = MHA_EXT_VERSION;
+        d["simd"] = info.simd;
+        d["openmp"] = info.openmp;
+        d["max_threads"] = info.max_threads;
+        d["cuda_built"] = info.cuda_built;
+        py::list archs;
+        std::string a = info.cuda_archs;
+        size_t pos = 0;
+        while (!a.empty()) {
+            pos = a.find(';');
+            archs.append(a.substr(0, pos));
+            if (pos == std::string::npos) break;
+            a = a.substr(pos + 1);
+        }
+        d["cuda_archs"] = archs;
+        d["compiler"] = info.compiler;
+        return d;
+    });
+    m.def("cuda_available", &mha::cuda_available);
+}

@@ -1,0 +1,36 @@
+// MHA_CHECK: argument validation that becomes a Python ValueError (std::invalid_argument) or
+// TypeError (mha::type_error) through the binding's exception translators.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace mha {
+
+// A wrong dtype: raised as TypeError in Python (SPEC section 4).
+class type_error : public std::invalid_argument {
+   public:
+    using std::invalid_argument::invalid_argument;
+};
+
+namespace detail {
+template <typename... Args>
+std::string concat(const Args&... args) {
+    std::ostringstream os;
+    (os << ... << args);
+    return os.str();
+}
+}  // namespace detail
+
+}  // namespace mha
+
+#define MHA_CHECK(cond, ...)                                                    \
+    do {                                                                        \
+        if (!(cond)) throw std::invalid_argument(::mha::detail::concat(__VA_ARGS__)); \
+    } while (0)
+
+#define MHA_CHECK_TYPE(cond, ...)                                         \
+    do {                                                                  \
+        if (!(cond)) throw ::mha::type_error(::mha::detail::concat(__VA_ARGS__)); \
+    } while (0)

@@ -1,0 +1,18 @@
+// The CPU kernels compiled for the baseline instruction set: runs on any CPU the package installs on.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+inline int omp_get_max_threads() { return 1; }
+#endif
+
+#include "cpu/attention_cpu.h"
+
+#define MHA_CPU_NS cpu_generic
+#include "cpu/attention_cpu_impl.inc"

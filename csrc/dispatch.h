@@ -1,0 +1,31 @@
+// The backend-neutral entry point: one validation path, then the CPU or CUDA backend.
+#pragma once
+
+#include <string>
+
+#include "params.h"
+
+namespace mha {
+
+// Throws std::invalid_argument for inconsistent parameters (sizes, strides, window, ...).
+void check_params(const AttentionParams& params);
+
+// check_params, then run on params.device. Throws std::runtime_error when that device is not
+// available (CUDA not built, no GPU) and for device failures.
+void attention_forward(const AttentionParams& params);
+
+// Facts about the build and the machine, for build_info().
+struct BuildInfo {
+    std::string simd;           // SIMD path chosen at run time: "avx2+fma" or "generic"
+    bool openmp = false;        // built with OpenMP
+    int max_threads = 1;        // OpenMP default thread count
+    bool cuda_built = false;    // CUDA backend compiled in
+    std::string cuda_archs;     // compiled CUDA architectures, ";"-separated
+    std::string compiler;       // C++ compiler id and version
+};
+BuildInfo build_info();
+
+// CUDA built and at least one device visible (never throws).
+bool cuda_available();
+
+}  // namespace mha

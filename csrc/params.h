@@ -1,0 +1,117 @@
+// AttentionParams: the one plain struct that describes an attention call.
+//
+// Filled once by the binding (or a native benchmark), checked once by check_params(), then
+// passed by const reference to a backend. It holds no STL, pybind11 or CUDA types, so every
+// backend (C++/OpenMP, CUDA) and every tool can include it.
+//
+// Index order. Every tensor is addressed through element strides (int64, may be 0 for
+// broadcast axes, may be negative for reversed views), so the same struct serves the "bhld"
+// and "blhd" layouts without a copy:
+//   q   (batch, num_heads_q, seqlen_q, head_dim)      element [b,h,i,d] at
+//        q + b*q_stride_batch + h*q_stride_head + i*q_stride_seq + d
+//   k   (batch, num_heads_k, seqlen_k, head_dim_k)    the last axis is always contiguous
+//   v   (batch, num_heads_k, seqlen_k, head_dim_v)
+//   out (batch, num_heads_q, seqlen_q, head_dim_v)
+//   mask    (batch, num_heads_q, seqlen_q, seqlen_k) bool bytes, any strides (0 = broadcast)
+//   bias    (batch, num_heads_q, seqlen_q, seqlen_k) accum_t (float or double), any strides
+//   weights (batch, num_heads_q, seqlen_q, seqlen_k) accum_t, C-contiguous
+//   lse     (batch, num_heads_q, seqlen_q)           accum_t, C-contiguous
+// Query head h reads key/value head h / (num_heads_q / num_heads_k) (grouped-query attention).
+#pragma once
+
+#include <cstdint>
+
+namespace mha {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+enum class Device : int32_t { kCpu = 0, kCuda = 1 };
+
+// kNone: no causal mask. kBottomRight: key j visible to query i iff j <= i + (Lk_b - Lq)
+// (FlashAttention >= 2.1, KV-cache decoding). kTopLeft: j <= i (PyTorch is_causal).
+enum class Causal : int32_t { kNone = 0, kBottomRight = 1, kTopLeft = 2 };
+
+// The classic score functions (scale defaults are the caller's business):
+//   kDot      s = scale * q.k                       (Luong dot, Vaswani scaled dot)
+//   kGeneral  s = scale * (q W).k,  W (head_dim, head_dim_k)          (Luong general)
+//   kAdditive s = scale * w . tanh(q W_q + k W_k)                     (Bahdanau)
+// Concat, s = w . tanh([q; k] W), is the additive form with W_q = W[:D] and W_k = W[D:].
+enum class Score : int32_t { kDot = 0, kGeneral = 1, kAdditive = 2 };
+
+struct AttentionParams {
+    DType dtype = DType::kFloat32;  // of q, k, v and out
+    Device device = Device::kCpu;
+
+    const void* q = nullptr;
+    const void* k = nullptr;
+    const void* v = nullptr;
+    void* out = nullptr;
+
+    int64_t batch = 0;
+    int64_t num_heads_q = 0;
+    int64_t num_heads_k = 0;
+    int64_t seqlen_q = 0;
+    int64_t seqlen_k = 0;
+    int64_t head_dim = 0;    // of q
+    int64_t head_dim_k = 0;  // of k; equals head_dim for the dot score
+    int64_t head_dim_v = 0;
+
+    int64_t q_stride_batch = 0, q_stride_head = 0, q_stride_seq = 0;
+    int64_t k_stride_batch = 0, k_stride_head = 0, k_stride_seq = 0;
+    int64_t v_stride_batch = 0, v_stride_head = 0, v_stride_seq = 0;
+    int64_t out_stride_batch = 0, out_stride_head = 0, out_stride_seq = 0;
+
+    // Optional boolean mask, 1 = may attend. nullptr = no mask.
+    const uint8_t* mask = nullptr;
+    int64_t mask_stride_batch = 0, mask_stride_head = 0, mask_stride_q = 0, mask_stride_k = 0;
+
+    // Optional additive bias in accum_t (float for fp32/fp16/bf16, double for fp64).
+    const void* bias = nullptr;
+    int64_t bias_stride_batch = 0, bias_stride_head = 0, bias_stride_q = 0, bias_stride_k = 0;
+
+    // Optional (batch,) valid key counts: keys j >= key_lengths[b] are padding, never read.
+    const int64_t* key_lengths = nullptr;
+
+    Causal causal = Causal::kNone;
+    // Sliding window around the causal diagonal: i + off - left <= j <= i + off + right,
+    // off = Lk_b - Lq (top-left alignment: off = 0). -1 = unbounded on that side.
+    int64_t window_left = -1;
+    int64_t window_right = -1;
+
+    double scale = 1.0;
+
+    // Score function parameters, C-contiguous accum_t. kGeneral: score_wq (head_dim,
+    // head_dim_k). kAdditive: score_wq (head_dim, score_dim), score_wk (head_dim_k, score_dim),
+    // score_w (score_dim,).
+    Score score = Score::kDot;
+    int64_t score_dim = 0;
+    const void* score_wq = nullptr;
+    const void* score_wk = nullptr;
+    const void* score_w = nullptr;
+
+    // Optional outputs (accum_t, C-contiguous). nullptr = not requested.
+    void* weights = nullptr;
+    void* lse = nullptr;
+
+    int num_threads = 0;  // <= 0: OpenMP default (honours OMP_NUM_THREADS)
+
+    // Run the naive one-row-at-a-time CPU kernel instead (a cross-check for tests).
+    bool naive = false;
+};
+
+// Size in bytes of one element of a dtype.
+inline int64_t dtype_size(DType dtype) {
+    switch (dtype) {
+        case DType::kFloat64:
+            return 8;
+        case DType::kFloat32:
+            return 4;
+        default:
+            return 2;
+    }
+}
+
+// True when the dtype accumulates in double (only float64).
+inline bool dtype_accumulates_in_double(DType dtype) { return dtype == DType::kFloat64; }
+
+}  // namespace mha

@@ -1,0 +1,80 @@
+"""The parametrised score functions (SPEC section 3): General, Additive, Concat.
+
+They only hold their weights; the native kernel computes the scores tile by tile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Additive", "Concat", "General"]
+
+
+def _as_float_array(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name}: expected a real floating-point array, got dtype {a.dtype}")
+    return a
+
+
+class General:
+    """Luong's "general" score ``s(q, k) = q W kᵀ``.
+
+    ``W`` has shape ``(D, Dk)``: D is the query head size, Dk the key head size (they may
+    differ). The default scale is 1.
+    """
+
+    def __init__(self, W):
+        self.W = _as_float_array(W, "General.W")
+        if self.W.ndim != 2:
+            raise ValueError(f"General.W: expected a 2-D matrix (D, Dk), got shape {self.W.shape}")
+
+    def __repr__(self) -> str:
+        return f"General(W: {self.W.shape})"
+
+
+class Additive:
+    """Bahdanau's additive score ``s(q, k) = w · tanh(q W_q + k W_k)``.
+
+    Shapes: ``W_q (D, A)``, ``W_k (Dk, A)``, ``w (A,)``. Computed tile by tile in the native
+    kernel: memory stays O(L·A), never O(Lq·Lk·A). The default scale is 1.
+    """
+
+    def __init__(self, W_q, W_k, w):
+        self.W_q = _as_float_array(W_q, "Additive.W_q")
+        self.W_k = _as_float_array(W_k, "Additive.W_k")
+        self.w = _as_float_array(w, "Additive.w")
+        if self.w.ndim != 1:
+            raise ValueError(f"Additive.w: expected a vector (A,), got shape {self.w.shape}")
+        for name, m in (("W_q", self.W_q), ("W_k", self.W_k)):
+            if m.ndim != 2 or m.shape[1] != self.w.shape[0]:
+                raise ValueError(
+                    f"Additive.{name}: expected shape (*, A) with A = {self.w.shape[0]}, "
+                    f"got {m.shape}"
+                )
+
+    def __repr__(self) -> str:
+        return f"Additive(W_q: {self.W_q.shape}, W_k: {self.W_k.shape}, w: {self.w.shape})"
+
+
+class Concat:
+    """The concat score ``s(q, k) = w · tanh([q; k] W)``.
+
+    Shapes: ``W (D + Dk, A)``, ``w (A,)``. It equals the additive score with
+    ``W_q = W[:D]`` and ``W_k = W[D:]``, and runs on the same tiled kernel. The default
+    scale is 1.
+    """
+
+    def __init__(self, W, w):
+        self.W = _as_float_array(W, "Concat.W")
+        self.w = _as_float_array(w, "Concat.w")
+        if self.w.ndim != 1:
+            raise ValueError(f"Concat.w: expected a vector (A,), got shape {self.w.shape}")
+        if self.W.ndim != 2 or self.W.shape[1] != self.w.shape[0]:
+            raise ValueError(
+                f"Concat.W: expected shape (D + Dk, A) with A = {self.w.shape[0]}, "
+                f"got {self.W.shape}"
+            )
+
+    def __repr__(self) -> str:
+        return f"Concat(W: {self.W.shape}, w: {self.w.shape})"
