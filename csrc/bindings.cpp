@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -17,6 +18,29 @@ namespace py = pybind11;
 
 namespace mha {
 namespace {
+
+// Ctrl-C: the kernel polls this between tiles from the calling thread. At most every 20 ms it
+// takes the GIL and lets Python run its signal handlers; a KeyboardInterrupt (or any error
+// they raise) stops the call. Only the main thread receives signals, so only calls made
+// from it install the hook.
+struct InterruptPoll {
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+};
+
+int poll_python_signals(void* ctx) {
+    auto* poll = static_cast<InterruptPoll*>(ctx);
+    const auto now = std::chrono::steady_clock::now();
+    if (now - poll->last < std::chrono::milliseconds(20)) return 0;
+    poll->last = now;
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0 ? 1 : 0;
+}
+
+unsigned long main_thread_ident() {
+    static const unsigned long ident =
+        py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+    return ident;
+}
 
 // Score kinds as the Python layer passes them.
 enum ScoreArg : int { kScoreScaledDot = 0, kScoreDot = 1, kScoreGeneral = 2, kScoreAdditive = 3 };
@@ -395,9 +419,23 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
         p.lse = lse.mutable_data();
     }
 
+    InterruptPoll poll;
+    if (PyThread_get_thread_ident() == main_thread_ident()) {
+        p.interrupt_check = &poll_python_signals;
+        p.interrupt_ctx = &poll;
+    }
+    bool stopped = false;
     {
         py::gil_scoped_release release;
-        attention_forward(p);
+        try {
+            attention_forward(p);
+        } catch (const interrupted&) {
+            stopped = true;
+        }
+    }
+    if (stopped) {
+        if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+        throw std::runtime_error("attention: interrupted");
     }
 
     if (!return_weights && !return_lse) return std::move(result);
@@ -414,6 +452,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "mha_ext native core (see mha_ext.attention for the documented API)";
+    mha::main_thread_ident();  // cache it while importing
     // mha::type_error -> TypeError; std::invalid_argument -> ValueError (pybind11's default).
     py::register_exception_translator([](std::exception_ptr ptr) {
         try {

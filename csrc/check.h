@@ -14,6 +14,17 @@ class type_error : public std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
 
+// The interrupt hook of AttentionParams asked to stop (Ctrl-C): the outputs are incomplete.
+class interrupted : public std::runtime_error {
+   public:
+    interrupted() : std::runtime_error("attention: interrupted") {}
+};
+
+// Throws interrupted / std::bad_alloc. Defined out of line (dispatch.cpp) so the kernels,
+// compiled once per instruction set, never instantiate exception types themselves.
+[[noreturn]] void throw_interrupted();
+[[noreturn]] void throw_bad_alloc();
+
 namespace detail {
 template <typename... Args>
 std::string concat(const Args&... args) {

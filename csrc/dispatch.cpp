@@ -2,6 +2,7 @@
 // file that knows both backends (and the only #ifdef MHA_EXT_WITH_CUDA).
 #include "dispatch.h"
 
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -15,6 +16,9 @@
 #endif
 
 namespace mha {
+
+void throw_interrupted() { throw interrupted(); }
+void throw_bad_alloc() { throw std::bad_alloc(); }
 
 void check_params(const AttentionParams& p) {
     MHA_CHECK(p.batch >= 0 && p.num_heads_q >= 0 && p.num_heads_k >= 0 && p.seqlen_q >= 0 &&

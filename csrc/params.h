@@ -97,6 +97,11 @@ struct AttentionParams {
 
     // Run the naive one-row-at-a-time CPU kernel instead (a cross-check for tests).
     bool naive = false;
+
+    // Optional interrupt hook, polled by the calling thread between tiles. A non-zero return
+    // abandons the call: the backend stops starting new tiles and throws mha::interrupted.
+    int (*interrupt_check)(void* ctx) = nullptr;
+    void* interrupt_ctx = nullptr;
 };
 
 // Size in bytes of one element of a dtype.

@@ -14,8 +14,10 @@
 #include <omp.h>
 #else
 inline int omp_get_max_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
 #endif
 
+#include "check.h"
 #include "cpu/attention_cpu.h"
 
 #define MHA_CPU_NS cpu_avx2
