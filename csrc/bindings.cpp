@@ -94,8 +94,10 @@ py::array fast_path_view(py::array a) {
     bool ok = a.ndim() == 0 || a.shape(a.ndim() - 1) <= 1 || a.strides(a.ndim() - 1) == item;
     for (py::ssize_t i = 0; ok && i < a.ndim(); ++i) ok = a.strides(i) % item == 0;
     if (ok) return a;
-    static py::object ascontiguousarray = py::module_::import("numpy").attr("ascontiguousarray");
-    return ascontiguousarray(a);
+    // Deliberately leaked: a static py::object would be released after Python finalised.
+    static py::object* ascontiguousarray =
+        new py::object(py::module_::import("numpy").attr("ascontiguousarray"));
+    return (*ascontiguousarray)(a);
 }
 
 int64_t elem_stride(const py::array& a, py::ssize_t axis) {
@@ -491,4 +493,8 @@ PYBIND11_MODULE(_core, m) {
         return d;
     });
     m.def("cuda_available", &mha::cuda_available);
+    m.def("cuda_last_kernel_ms", &mha::cuda_last_kernel_ms,
+          "Kernel time (ms) of this thread's last device='cuda' call; 0 without CUDA.");
+    m.def("cuda_last_copy_ms", &mha::cuda_last_copy_ms,
+          "Host<->device copy time (ms) of this thread's last device='cuda' call.");
 }

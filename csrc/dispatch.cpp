@@ -65,6 +65,17 @@ void check_params(const AttentionParams& p) {
 
 void attention_forward(const AttentionParams& params) {
     check_params(params);
+    if (params.device == Device::kCuda && !cuda_available()) {
+#ifdef MHA_EXT_WITH_CUDA
+        throw std::runtime_error(
+            "device='cuda': no usable CUDA device (no GPU visible or no driver); "
+            "mha_ext.cuda_available() is False");
+#else
+        throw std::runtime_error(
+            "device='cuda': this build of mha_ext has no CUDA backend (it was built "
+            "without a CUDA compiler or with MHA_EXT_CUDA=OFF)");
+#endif
+    }
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
     switch (params.device) {
         case Device::kCpu:
@@ -79,9 +90,7 @@ void attention_forward(const AttentionParams& params) {
             attention_forward_cuda(params);
             return;
 #else
-            throw std::runtime_error(
-                "device='cuda': this build of mha_ext has no CUDA backend (it was built "
-                "without a CUDA compiler or with MHA_EXT_CUDA=OFF)");
+            break;  // unreachable: rejected above
 #endif
     }
     throw std::invalid_argument("device: unknown device");
@@ -92,6 +101,22 @@ bool cuda_available() {
     return cuda_device_available();
 #else
     return false;
+#endif
+}
+
+double cuda_last_kernel_ms() {
+#ifdef MHA_EXT_WITH_CUDA
+    return attention_cuda_last_kernel_ms();
+#else
+    return 0.0;
+#endif
+}
+
+double cuda_last_copy_ms() {
+#ifdef MHA_EXT_WITH_CUDA
+    return attention_cuda_last_copy_ms();
+#else
+    return 0.0;
 #endif
 }
 

@@ -28,4 +28,9 @@ BuildInfo build_info();
 // CUDA built and at least one device visible (never throws).
 bool cuda_available();
 
+// Device time of the calling thread's last CUDA call, in milliseconds: its kernels alone, and
+// its host<->device copies (0 without CUDA). Lets benchmarks separate the two.
+double cuda_last_kernel_ms();
+double cuda_last_copy_ms();
+
 }  // namespace mha
