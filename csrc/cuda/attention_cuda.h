@@ -14,4 +14,10 @@ bool cuda_device_available();
 // std::invalid_argument for parameters the CUDA kernels do not support.
 void attention_forward_cuda(const AttentionParams& params);
 
+// Timings of the calling thread's last attention_forward_cuda, from CUDA events (ms):
+// the kernels alone (projections, attention, split-KV merge, weights), and the host<->device
+// copies (inputs in, outputs out). 0 before the first call. For benchmarks.
+double attention_cuda_last_kernel_ms();
+double attention_cuda_last_copy_ms();
+
 }  // namespace mha

@@ -1,0 +1,823 @@
+// CUDA attention kernels (templated; included by the .cu files under csrc/cuda/ only).
+//
+// Versions:
+//   attention_tc_kernel      fp16/bf16, dot score, head dims padded up to kHeadDim (64, 128):
+//                            tiled flash forward on tensor cores (mma.sync m16n8k16, f32
+//                            accumulators). A block of kWarps warps owns kWarps*16 query rows
+//                            of one (batch, head); K/V tiles of kBlockN keys are double
+//                            buffered in shared memory (cp.async when rows are 16-byte
+//                            aligned, plain loads otherwise); Q stays in registers; P is
+//                            re-packed from the S accumulators into A fragments; V fragments
+//                            come from ldmatrix.trans. Online softmax in base 2 with the scale
+//                            folded in. Masks, bias, causal, window, key_lengths per element
+//                            on tiles that need them.
+//   attention_simt_kernel    every dtype (float64 in double, the rest in float), every score:
+//                            one warp per query row, one key per lane for the scores, one
+//                            output dimension per lane for P.V. Any D, Dk, Dv. Optional split
+//                            of the keys into gridDim.y chunks (flash-decoding); the chunks
+//                            write partial (out, lse) that attention_combine_kernel merges.
+//   attention_combine_kernel merges split-KV partials by their lse.
+//   attention_weights_kernel weights = exp(s - lse) for visible keys, 0 elsewhere, computed
+//                            again from q and k (no Lq x Lk buffer exists otherwise).
+//   project_rows_kernel      x W for General (q W, scale folded) and Additive (q W_q, k W_k).
+//
+// Conventions (those of the CPU kernel, csrc/cpu/attention_cpu_impl.inc): a row with no
+// visible key has max = -inf; its output is defined as 0 and its lse as -inf. A NaN score in
+// a visible position poisons its row (output and lse NaN): the running max ignores NaN
+// (fmax) but exp(NaN - m) = NaN reaches the row sum. All offsets are 64-bit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "params.h"
+
+namespace mha {
+namespace cuda {
+
+constexpr int kSimtWarps = 4;  // warps per block of the SIMT, weights and combine kernels
+
+// Extra device pointers and geometry for the SIMT and weights kernels.
+template <typename A>
+struct SimtArgs {
+    // Query vectors that meet the keys, (batch*num_heads_q*seqlen_q, dqk) C-contiguous:
+    // General: scale * q W; Additive: q W_q. nullptr for the dot score (q is read directly).
+    const A* q_proj = nullptr;
+    // Additive only: k W_k, (batch*num_heads_k*seqlen_k, dqk) C-contiguous; and w (dqk,).
+    const A* k_proj = nullptr;
+    const A* w_vec = nullptr;
+    int64_t dqk = 0;  // length of the query vector: head_dim (dot), head_dim_k, score_dim
+    // Per-warp scratch (dqk + head_dim_v elements) in global memory when it does not fit in
+    // shared memory; nullptr = dynamic shared memory.
+    A* scratch = nullptr;
+    // Keys are read as 16-byte vectors (aligned base, strides and head_dim_k).
+    bool k_vec = false;
+    // Split-KV: gridDim.y chunks of split_size keys; > 1 chunk writes partials instead of out.
+    int64_t split_size = 0;
+    A* part_out = nullptr;  // (splits, rows, head_dim_v)
+    A* part_lse = nullptr;  // (splits, rows)
+    A* lse = nullptr;       // (rows,) or nullptr
+};
+
+// ------------------------------------------------------------------------------------------
+// Scalars.
+
+template <typename A>
+__device__ __forceinline__ A neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+    return -__int_as_float(0x7f800000);
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+    return -__longlong_as_double(0x7ff0000000000000LL);
+}
+template <typename A>
+__device__ __forceinline__ A quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() {
+    return __int_as_float(0x7fc00000);
+}
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+__device__ __forceinline__ float to_accum(float x) { return x; }
+__device__ __forceinline__ double to_accum(double x) { return x; }
+__device__ __forceinline__ float to_accum(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_accum(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void store_out(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_out(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store_out(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store_out(__nv_bfloat16* p, float x) {
+    *p = __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float exp_a(float x) { return expf(x); }
+__device__ __forceinline__ double exp_a(double x) { return exp(x); }
+__device__ __forceinline__ float log_a(float x) { return logf(x); }
+__device__ __forceinline__ double log_a(double x) { return log(x); }
+__device__ __forceinline__ float tanh_a(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_a(double x) { return tanh(x); }
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A x) {
+    // fmax ignores NaN: a NaN score does not become the max, it poisons the sum instead.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ------------------------------------------------------------------------------------------
+// Which keys a query row may see before the bool mask (same rule as the CPU row_range).
+
+struct KeyRange {
+    int64_t lo;  // first visible key (inclusive)
+    int64_t hi;  // last visible key (inclusive); lo > hi: no key
+};
+
+__device__ __forceinline__ int64_t valid_keys(const AttentionParams& p, int64_t b) {
+    return p.key_lengths != nullptr ? p.key_lengths[b] : p.seqlen_k;
+}
+
+__device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int64_t i, int64_t lk) {
+    const int64_t off = p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q;
+    int64_t lo = 0;
+    int64_t hi = lk - 1;
+    if (p.causal != Causal::kNone) hi = min(hi, i + off);
+    if (p.window_right >= 0) hi = min(hi, i + off + p.window_right);
+    if (p.window_left >= 0) lo = max(lo, i + off - p.window_left);
+    return {lo, hi};
+}
+
+// ------------------------------------------------------------------------------------------
+// SIMT helpers shared by the forward and the weights kernels.
+
+// Fills qs (dqk) with the row's query vector as it meets the keys: scale * q (dot), or the
+// projection computed beforehand. Called by all lanes of a warp.
+template <typename T, typename A>
+__device__ __forceinline__ void load_query_row(const AttentionParams& p, const SimtArgs<A>& a,
+                                               A* qs, int64_t row, int64_t b, int64_t h,
+                                               int64_t i, int lane) {
+    if (a.q_proj != nullptr) {
+        const A* src = a.q_proj + row * a.dqk;
+        for (int64_t d = lane; d < a.dqk; d += 32) qs[d] = src[d];
+    } else {
+        const T* src = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
+                       i * p.q_stride_seq;
+        const A scale = static_cast<A>(p.scale);
+        for (int64_t d = lane; d < a.dqk; d += 32) {
+            qs[d] = static_cast<A>(to_accum(src[d])) * scale;
+        }
+    }
+    __syncwarp();
+}
+
+// The score of key j (already known to be visible) for the query vector qs.
+// k points at key 0 of the row's (batch, kv head); kp at its k W_k rows (additive).
+template <typename T, typename A, bool kAdditive>
+__device__ __forceinline__ A score_of(const AttentionParams& p, const SimtArgs<A>& a,
+                                      const A* qs, const T* k, const A* kp, int64_t j) {
+    if (kAdditive) {
+        const A* kj = kp + j * a.dqk;
+        const A* w = a.w_vec;
+        A s = 0;
+        for (int64_t x = 0; x < a.dqk; ++x) s += w[x] * tanh_a(qs[x] + kj[x]);
+        return s * static_cast<A>(p.scale);
+    } else {
+        const T* kj = k + j * p.k_stride_seq;
+        const int64_t n = p.head_dim_k;
+        A s = 0;
+        if (a.k_vec) {
+            constexpr int kE = 16 / static_cast<int>(sizeof(T));
+            for (int64_t d0 = 0; d0 < n; d0 += kE) {
+                const uint4 u = *reinterpret_cast<const uint4*>(kj + d0);
+                T t[kE];
+                memcpy(t, &u, 16);
+#pragma unroll
+                for (int e = 0; e < kE; ++e) s += qs[d0 + e] * static_cast<A>(to_accum(t[e]));
+            }
+        } else {
+            for (int64_t d = 0; d < n; ++d) s += qs[d] * static_cast<A>(to_accum(kj[d]));
+        }
+        return s;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_simt_kernel: one warp per query row (grid-stride), keys split over gridDim.y.
+// Dynamic shared memory: kSimtWarps * (dqk + head_dim_v) accum_t, unless a.scratch is set.
+
+template <typename T, typename A, bool kAdditive>
+__global__ void __launch_bounds__(kSimtWarps * 32)
+    attention_simt_kernel(const AttentionParams p, const SimtArgs<A> a) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t width = a.dqk + p.head_dim_v;
+    A* ws = a.scratch != nullptr
+                ? a.scratch + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) *
+                                   kSimtWarps +
+                               warp) * width
+                : reinterpret_cast<A*>(smem_raw) + warp * width;
+    A* qs = ws;              // (dqk)  query vector
+    A* acc = ws + a.dqk;     // (head_dim_v) unnormalised output of this row
+    const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
+    const int64_t group = p.num_heads_q / p.num_heads_k;
+    const int split = blockIdx.y;
+    const int num_splits = gridDim.y;
+    const A ninf = neg_inf<A>();
+
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
+        const int64_t i = row % p.seqlen_q;
+        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
+        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
+        const int64_t hk = h / group;
+        const int64_t lk = valid_keys(p, b);
+        const KeyRange rr = key_range(p, i, lk);
+        // This chunk's keys: [j_lo, j_hi] within the row's visible interval.
+        const int64_t j_lo = max(rr.lo, split * a.split_size);
+        const int64_t j_hi = min(rr.hi, (split + 1) * a.split_size - 1);
+
+        for (int64_t d = lane; d < p.head_dim_v; d += 32) acc[d] = 0;
+        A m = ninf;  // running max (may stay -inf)
+        A l = 0;     // running sum of exp(s - m)
+        if (j_lo <= j_hi) {
+            load_query_row<T, A>(p, a, qs, row, b, h, i, lane);
+            const T* k = p.k == nullptr ? nullptr
+                                        : static_cast<const T*>(p.k) + b * p.k_stride_batch +
+                                              hk * p.k_stride_head;
+            const T* v = p.v == nullptr ? nullptr
+                                        : static_cast<const T*>(p.v) + b * p.v_stride_batch +
+                                              hk * p.v_stride_head;
+            const A* kp = kAdditive ? a.k_proj + (b * p.num_heads_k + hk) * p.seqlen_k * a.dqk
+                                    : nullptr;
+            const uint8_t* mask =
+                p.mask == nullptr ? nullptr
+                                  : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
+                                        i * p.mask_stride_q;
+            const A* bias = p.bias == nullptr ? nullptr
+                                              : static_cast<const A*>(p.bias) +
+                                                    b * p.bias_stride_batch +
+                                                    h * p.bias_stride_head + i * p.bias_stride_q;
+            for (int64_t j0 = j_lo; j0 <= j_hi; j0 += 32) {
+                const int64_t j = j0 + lane;
+                bool vis = j <= j_hi;
+                if (vis && mask != nullptr) vis = mask[j * p.mask_stride_k] != 0;
+                A s = ninf;
+                if (vis) {
+                    s = score_of<T, A, kAdditive>(p, a, qs, k, kp, j);
+                    if (bias != nullptr) s += bias[j * p.bias_stride_k];
+                }
+                const A m_new = fmax(m, warp_max(s));
+                // A row with nothing visible yet keeps m = -inf; subtract 0 then, so that
+                // exp gives 0 for -inf scores and NaN for a NaN score (poisoning the row).
+                const A m_use = m_new == ninf ? A(0) : m_new;
+                const A pj = vis ? exp_a(s - m_use) : A(0);
+                const A alpha = exp_a(m - m_use);  // 0 when m = -inf
+                l = l * alpha + warp_sum(pj);
+                m = m_new;
+                for (int64_t d = lane; d < p.head_dim_v; d += 32) acc[d] *= alpha;
+                // Only visible keys are read: padding and hidden values never reach the row.
+                unsigned live = __ballot_sync(0xffffffffu, vis);
+                while (live != 0) {
+                    const int src = __ffs(live) - 1;
+                    live &= live - 1;
+                    const A pb = __shfl_sync(0xffffffffu, pj, src);
+                    const T* vj = v + (j0 + src) * p.v_stride_seq;
+                    for (int64_t d = lane; d < p.head_dim_v; d += 32) {
+                        acc[d] += pb * static_cast<A>(to_accum(vj[d]));
+                    }
+                }
+            }
+        }
+
+        // Finalise: empty row (l == 0) -> 0 and lse -inf; NaN l -> NaN output and lse.
+        const bool empty = l == A(0);
+        const A inv = empty ? A(0) : A(1) / l;
+        const A lse = empty ? ninf : m + log_a(l);
+        if (num_splits == 1) {
+            T* out = static_cast<T*>(p.out) + b * p.out_stride_batch + h * p.out_stride_head +
+                     i * p.out_stride_seq;
+            for (int64_t d = lane; d < p.head_dim_v; d += 32) {
+                store_out(out + d, empty ? A(0) : acc[d] * inv);
+            }
+            if (a.lse != nullptr && lane == 0) a.lse[row] = lse;
+        } else {
+            A* po = a.part_out + (static_cast<int64_t>(split) * rows + row) * p.head_dim_v;
+            for (int64_t d = lane; d < p.head_dim_v; d += 32) po[d] = empty ? A(0) : acc[d] * inv;
+            if (lane == 0) a.part_lse[static_cast<int64_t>(split) * rows + row] = lse;
+        }
+        __syncwarp();  // qs/acc are rewritten by the next row
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_combine_kernel: merge split-KV partials by lse. One warp per row.
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSimtWarps * 32)
+    attention_combine_kernel(const AttentionParams p, const A* part_out, const A* part_lse,
+                             int num_splits, A* lse_out) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
+    const A ninf = neg_inf<A>();
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
+        const int64_t i = row % p.seqlen_q;
+        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
+        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
+        A mx = ninf;
+        bool poison = false;
+        for (int s = lane; s < num_splits; s += 32) {
+            const A x = part_lse[static_cast<int64_t>(s) * rows + row];
+            poison |= x != x;
+            mx = fmax(mx, x);
+        }
+        mx = warp_max(mx);
+        poison = __any_sync(0xffffffffu, poison);
+        A total = 0;
+        if (!poison && mx != ninf) {
+            for (int s = lane; s < num_splits; s += 32) {
+                total += exp_a(part_lse[static_cast<int64_t>(s) * rows + row] - mx);
+            }
+            total = warp_sum(total);
+        }
+        const bool empty = !poison && mx == ninf;
+        const A nan = quiet_nan<A>();
+        T* out = static_cast<T*>(p.out) + b * p.out_stride_batch + h * p.out_stride_head +
+                 i * p.out_stride_seq;
+        for (int64_t d = lane; d < p.head_dim_v; d += 32) {
+            A o = 0;
+            if (poison) {
+                o = nan;
+            } else if (!empty) {
+                for (int s = 0; s < num_splits; ++s) {
+                    const A x = part_lse[static_cast<int64_t>(s) * rows + row];
+                    if (x == ninf) continue;  // empty chunk: its partial is 0
+                    o += exp_a(x - mx) * part_out[(static_cast<int64_t>(s) * rows + row) *
+                                                      p.head_dim_v + d];
+                }
+                o /= total;
+            }
+            store_out(out + d, o);
+        }
+        if (lse_out != nullptr && lane == 0) {
+            lse_out[row] = poison ? nan : (empty ? ninf : mx + log_a(total));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_weights_kernel: weights[row, j] = exp(s - lse) where visible, else 0; a row with
+// lse NaN is NaN throughout (the naive CPU kernel's convention). One warp per row, lanes
+// along keys (coalesced stores). Dynamic shared memory: kSimtWarps * dqk accum_t unless
+// a.scratch is set.
+
+template <typename T, typename A, bool kAdditive>
+__global__ void __launch_bounds__(kSimtWarps * 32)
+    attention_weights_kernel(const AttentionParams p, const SimtArgs<A> a, const A* lse_in,
+                             A* weights) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    A* qs = a.scratch != nullptr
+                ? a.scratch + (static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp) * a.dqk
+                : reinterpret_cast<A*>(smem_raw) + warp * a.dqk;
+    const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
+    const int64_t group = p.num_heads_q / p.num_heads_k;
+    const int64_t lk_all = p.seqlen_k;
+    const A ninf = neg_inf<A>();
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
+        const int64_t i = row % p.seqlen_q;
+        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
+        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
+        const int64_t hk = h / group;
+        const int64_t lk = valid_keys(p, b);
+        const KeyRange rr = key_range(p, i, lk);
+        const A lse = lse_in[row];
+        A* w = weights + row * lk_all;
+        if (lse != lse) {
+            for (int64_t j = lane; j < lk_all; j += 32) w[j] = quiet_nan<A>();
+            continue;
+        }
+        const bool any = lse != ninf && rr.lo <= rr.hi;
+        if (any) load_query_row<T, A>(p, a, qs, row, b, h, i, lane);
+        const T* k = p.k == nullptr ? nullptr
+                                    : static_cast<const T*>(p.k) + b * p.k_stride_batch +
+                                          hk * p.k_stride_head;
+        const A* kp = kAdditive && any
+                          ? a.k_proj + (b * p.num_heads_k + hk) * p.seqlen_k * a.dqk
+                          : nullptr;
+        const uint8_t* mask = p.mask == nullptr
+                                  ? nullptr
+                                  : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
+                                        i * p.mask_stride_q;
+        const A* bias = p.bias == nullptr ? nullptr
+                                          : static_cast<const A*>(p.bias) +
+                                                b * p.bias_stride_batch +
+                                                h * p.bias_stride_head + i * p.bias_stride_q;
+        for (int64_t j = lane; j < lk_all; j += 32) {
+            bool vis = any && j >= rr.lo && j <= rr.hi;
+            if (vis && mask != nullptr) vis = mask[j * p.mask_stride_k] != 0;
+            A x = 0;
+            if (vis) {
+                A s = score_of<T, A, kAdditive>(p, a, qs, k, kp, j);
+                if (bias != nullptr) s += bias[j * p.bias_stride_k];
+                x = exp_a(s - lse);
+            }
+            w[j] = x;
+        }
+        __syncwarp();
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// project_rows_kernel: y[r, a] = mul * sum_d x[r, d] * W[d, a], for the rows r of a
+// (batch, heads, seq, dim) tensor read through strides; y is (batch*heads*seq, n_out)
+// C-contiguous. With key_lengths, rows of padding keys (seq >= key_lengths[b]) are 0, unread.
+
+template <typename T, typename A>
+__global__ void project_rows_kernel(const T* x, int64_t batch, int64_t heads, int64_t seq,
+                                    int64_t dim, int64_t stride_batch, int64_t stride_head,
+                                    int64_t stride_seq, const A* w, int64_t n_out, A mul,
+                                    const int64_t* key_lengths, A* y) {
+    const int64_t total = batch * heads * seq * n_out;
+    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+         idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t c = idx % n_out;
+        const int64_t r = idx / n_out;
+        const int64_t j = r % seq;
+        const int64_t hh = (r / seq) % heads;
+        const int64_t b = r / (seq * heads);
+        A acc = 0;
+        if (key_lengths == nullptr || j < key_lengths[b]) {
+            const T* xr = x + b * stride_batch + hh * stride_head + j * stride_seq;
+            for (int64_t d = 0; d < dim; ++d) {
+                acc += static_cast<A>(to_accum(xr[d])) * (w[d * n_out + c] * mul);
+            }
+        }
+        y[idx] = acc;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tensor-core kernel (fp16 / bf16).
+
+struct TcArgs {
+    float* lse = nullptr;  // (rows,) or nullptr
+    bool vec = false;      // q/k/v rows are 16-byte aligned: cp.async; else plain loads
+};
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<__half> {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+        return *reinterpret_cast<const uint32_t*>(&h);
+    }
+};
+template <>
+struct MmaOp<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&h);
+    }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes 16 zero bytes.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+// Copy rows [0, n_rows) of a (rows x dim) tile into shared memory (row pitch kPitch
+// elements); source row r at src + r * stride; rows >= n_valid are written as zeros.
+// Columns >= dim are left alone (zeroed once at kernel start). vec: 16-byte cp.async
+// (dim % 8 == 0, aligned rows); else plain element loads.
+template <typename T, int kPitch>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int n_rows,
+                                          int64_t n_valid, int dim, bool vec) {
+    if (vec) {
+        const int chunks = dim / 8;  // 16-byte chunks per row
+        for (int idx = threadIdx.x; idx < n_rows * chunks; idx += blockDim.x) {
+            const int r = idx / chunks;
+            const int c = idx - r * chunks;
+            const bool ok = r < n_valid;
+            const T* g = ok ? src + r * stride + c * 8 : src;
+            cp_async_16(dst + r * kPitch + c * 8, g, ok ? 16 : 0);
+        }
+    } else {
+        const T zero = T(0.0f);
+        for (int idx = threadIdx.x; idx < n_rows * dim; idx += blockDim.x) {
+            const int r = idx / dim;
+            const int c = idx - r * dim;
+            dst[r * kPitch + c] = r < n_valid ? src[r * stride + c] : zero;
+        }
+    }
+}
+
+// Grid: one block per (query tile, batch*head), heaviest (last) query tiles first.
+// Dynamic shared memory: (kBlockM + 4 * kBlockN) * (kHeadDim + 8) elements of T.
+template <typename T, int kHeadDim, int kWarps, int kBlockN>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_tc_kernel(const AttentionParams p, const TcArgs args) {
+    constexpr int kBlockM = 16 * kWarps;
+    constexpr int kPitch = kHeadDim + 8;  // +16 bytes per row: conflict-free fragment loads
+    constexpr int kSteps = kHeadDim / 16;  // k-steps of S = Q K^T
+    constexpr int kTilesN = kBlockN / 8;   // n-tiles of S (8 keys each)
+    constexpr int kTilesD = kHeadDim / 8;  // n-tiles of O (8 value dims each)
+    static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
+    using Mma = MmaOp<T>;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* q_s = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch)
+    T* k_s = q_s + kBlockM * kPitch;          // (2, kBlockN, kPitch)
+    T* v_s = k_s + 2 * kBlockN * kPitch;      // (2, kBlockN, kPitch)
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;  // row within the 8-row group of an mma fragment
+    const int t4 = lane & 3;  // thread within the quad
+
+    const int64_t Lq = p.seqlen_q;
+    const int64_t n_qtiles = (Lq + kBlockM - 1) / kBlockM;
+    const int64_t bh_count = p.batch * p.num_heads_q;
+    const int64_t task = blockIdx.x;
+    const int64_t qt = n_qtiles - 1 - task / bh_count;
+    const int64_t bh = task % bh_count;
+    const int64_t b = bh / p.num_heads_q;
+    const int64_t h = bh % p.num_heads_q;
+    const int64_t hk = h / (p.num_heads_q / p.num_heads_k);
+    const int64_t m0 = qt * kBlockM;
+    const int64_t m_last = min(m0 + kBlockM, Lq) - 1;
+    const int64_t lk = valid_keys(p, b);
+    const int dim = static_cast<int>(p.head_dim);
+    const int dim_v = static_cast<int>(p.head_dim_v);
+
+    // Zero the whole tile storage once: columns >= dim stay zero for the dot products.
+    {
+        uint4* z = reinterpret_cast<uint4*>(smem_raw);
+        const int n16 = (kBlockM + 4 * kBlockN) * kPitch * static_cast<int>(sizeof(T)) / 16;
+        for (int x = threadIdx.x; x < n16; x += blockDim.x) z[x] = make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+
+    // Key interval of the block: the ranges are monotone in i, so the first row has the
+    // smallest lo and the last row the largest hi.
+    const KeyRange first = key_range(p, m0, lk);
+    const KeyRange last = key_range(p, m_last, lk);
+    const int64_t j_begin = max(first.lo, int64_t(0));
+    const int64_t j_end = min(last.hi + 1, lk);
+    const int64_t n_tiles = j_end > j_begin ? (j_end - j_begin + kBlockN - 1) / kBlockN : 0;
+
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
+                 m0 * p.q_stride_seq;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride_batch + hk * p.k_stride_head;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride_batch + hk * p.v_stride_head;
+
+    // Rows of this thread (fragment rows g and g + 8 of the warp's 16) and their ranges.
+    const int64_t row_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+    KeyRange rng[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        rng[r] = row_i[r] < Lq ? key_range(p, row_i[r], lk) : KeyRange{1, 0};
+    }
+    const uint8_t* mask_row[2] = {nullptr, nullptr};
+    const float* bias_row[2] = {nullptr, nullptr};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (row_i[r] < Lq && p.mask != nullptr) {
+            mask_row[r] = p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
+                          row_i[r] * p.mask_stride_q;
+        }
+        if (row_i[r] < Lq && p.bias != nullptr) {
+            bias_row[r] = static_cast<const float*>(p.bias) + b * p.bias_stride_batch +
+                          h * p.bias_stride_head + row_i[r] * p.bias_stride_q;
+        }
+    }
+    const bool per_element = p.mask != nullptr || p.bias != nullptr;
+
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+    const float ninf = neg_inf<float>();
+
+    float o[kTilesD][4];
+#pragma unroll
+    for (int x = 0; x < kTilesD; ++x) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.0f;
+    float m_run[2] = {ninf, ninf};  // running max of the two rows, base-2 units
+    float l_run[2] = {0.0f, 0.0f};  // this thread's share of the running sums
+
+    if (n_tiles > 0) {
+        load_tile<T, kPitch>(q_s, q, p.q_stride_seq, kBlockM, Lq - m0, dim, args.vec);
+        load_tile<T, kPitch>(k_s, k + j_begin * p.k_stride_seq, p.k_stride_seq, kBlockN,
+                             j_end - j_begin, dim, args.vec);
+        load_tile<T, kPitch>(v_s, v + j_begin * p.v_stride_seq, p.v_stride_seq, kBlockN,
+                             j_end - j_begin, dim_v, args.vec);
+        cp_async_commit();
+    }
+
+    uint32_t qf[kSteps][4];
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t n0 = j_begin + t * kBlockN;
+        const int buf = static_cast<int>(t & 1);
+        if (t + 1 < n_tiles) {
+            // Prefetch the next tile into the other buffer (free since the barrier that
+            // ended iteration t - 1).
+            const int64_t n1 = n0 + kBlockN;
+            T* kd = k_s + (buf ^ 1) * kBlockN * kPitch;
+            T* vd = v_s + (buf ^ 1) * kBlockN * kPitch;
+            load_tile<T, kPitch>(kd, k + n1 * p.k_stride_seq, p.k_stride_seq, kBlockN,
+                                 j_end - n1, dim, args.vec);
+            load_tile<T, kPitch>(vd, v + n1 * p.v_stride_seq, p.v_stride_seq, kBlockN,
+                                 j_end - n1, dim_v, args.vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        if (t == 0) {
+            const T* qw = q_s + warp * 16 * kPitch;
+#pragma unroll
+            for (int ks = 0; ks < kSteps; ++ks) {
+                const int c = ks * 16 + t4 * 2;
+                qf[ks][0] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c);
+                qf[ks][1] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c);
+                qf[ks][2] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c + 8);
+                qf[ks][3] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c + 8);
+            }
+        }
+
+        // S = Q K^T for this warp's 16 rows and kBlockN keys.
+        const T* kt = k_s + buf * kBlockN * kPitch;
+        float s[kTilesN][4];
+#pragma unroll
+        for (int nt = 0; nt < kTilesN; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+            for (int nt = 0; nt < kTilesN; ++nt) {
+                const T* kr = kt + (nt * 8 + g) * kPitch + ks * 16 + t4 * 2;
+                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + 8);
+                Mma::run(s[nt], qf[ks], b0, b1);
+            }
+        }
+
+        // Scale to base-2 units and hide what may not be seen. A tile strictly inside every
+        // row's interval (and free of the zero-filled keys past j_end) needs no check.
+        const bool inside = !per_element && last.lo <= n0 && first.hi >= n0 + kBlockN - 1 &&
+                            first.lo <= first.hi && last.lo <= last.hi;
+        if (inside) {
+#pragma unroll
+            for (int nt = 0; nt < kTilesN; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < kTilesN; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    const int64_t j = n0 + nt * 8 + t4 * 2 + (e & 1);
+                    bool vis = j >= rng[r].lo && j <= rng[r].hi;  // also j < j_end <= lk
+                    if (vis && mask_row[r] != nullptr) vis = mask_row[r][j * p.mask_stride_k] != 0;
+                    float x = ninf;
+                    if (vis) {
+                        x = s[nt][e] * scale_log2;
+                        if (bias_row[r] != nullptr) x += bias_row[r][j * p.bias_stride_k] * kLog2e;
+                    }
+                    s[nt][e] = x;
+                }
+            }
+        }
+
+        // Online softmax; each row is shared by the 4 threads of a quad.
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = ninf;
+#pragma unroll
+            for (int nt = 0; nt < kTilesN; ++nt) {
+                mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[r], mx);
+            // Nothing visible yet: subtract 0 (exp2(-inf) = 0, a NaN score stays NaN).
+            const float m_use = m_new == ninf ? 0.0f : m_new;
+            alpha[r] = exp2f(m_run[r] - m_use);
+            m_run[r] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < kTilesN; ++nt) {
+                s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
+                s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
+                sum += s[nt][2 * r] + s[nt][2 * r + 1];
+            }
+            l_run[r] = l_run[r] * alpha[r] + sum;
+        }
+#pragma unroll
+        for (int x = 0; x < kTilesD; ++x) {
+            o[x][0] *= alpha[0];
+            o[x][1] *= alpha[0];
+            o[x][2] *= alpha[1];
+            o[x][3] *= alpha[1];
+        }
+
+        // O += P V: P (16 x kBlockN) from the S accumulators, V fragments by ldmatrix.trans.
+        const T* vt = v_s + buf * kBlockN * kPitch;
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            uint32_t pa[4];
+            pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            // Lane l addresses row (kk*16 + ((l>>3)&1)*8 + (l&7)), column (l>>4)*8 of a
+            // 16-dim block: matrices (keys 0-7, dims 0-7), (keys 8-15, dims 0-7),
+            // (keys 0-7, dims 8-15), (keys 8-15, dims 8-15).
+            const T* vrow = vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kPitch +
+                            (lane >> 4) * 8;
+#pragma unroll
+            for (int nv = 0; nv < kHeadDim / 16; ++nv) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, vrow + nv * 16);
+                Mma::run(o[2 * nv], pa, vb[0], vb[1]);
+                Mma::run(o[2 * nv + 1], pa, vb[2], vb[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with buffer buf before it is refilled
+    }
+
+    // Finalise: out = O / l; empty rows 0 with lse -inf; NaN sums give NaN rows.
+    constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int64_t i = row_i[r];
+        if (i >= Lq) continue;
+        const bool empty = l == 0.0f;
+        const float inv = empty ? 0.0f : 1.0f / l;
+        T* out = static_cast<T*>(p.out) + b * p.out_stride_batch + h * p.out_stride_head +
+                 i * p.out_stride_seq;
+#pragma unroll
+        for (int x = 0; x < kTilesD; ++x) {
+            const int c = x * 8 + t4 * 2;
+            if (c < dim_v) store_out(out + c, empty ? 0.0f : o[x][2 * r] * inv);
+            if (c + 1 < dim_v) store_out(out + c + 1, empty ? 0.0f : o[x][2 * r + 1] * inv);
+        }
+        if (args.lse != nullptr && t4 == 0) {
+            args.lse[(b * p.num_heads_q + h) * Lq + i] =
+                empty ? ninf : (m_run[r] + log2f(l)) * kLn2;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Launchers of the tensor-core kernel (attention_tc.cu). p holds device pointers.
+
+// The largest head dimension max(D, Dv) the tensor-core kernel covers.
+constexpr int64_t kTcMaxHeadDim = 128;
+
+// Launches attention_tc_kernel for p.dtype (fp16/bf16) and max(D, Dv) <= kTcMaxHeadDim.
+// Throws std::runtime_error on launch failure.
+void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mha

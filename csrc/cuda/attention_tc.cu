@@ -1,0 +1,58 @@
+// Instantiations and launcher of the tensor-core kernel (fp16/bf16, dot score), kept in their
+// own translation unit so that the two CUDA files compile in parallel.
+#include <stdexcept>
+#include <string>
+
+#include "cuda/attention_kernels.cuh"
+
+namespace mha {
+namespace cuda {
+namespace {
+
+template <typename T, int kHeadDim, int kWarps, int kBlockN>
+void launch(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
+    constexpr int kBlockM = 16 * kWarps;
+    const size_t smem = static_cast<size_t>(kBlockM + 4 * kBlockN) * (kHeadDim + 8) * sizeof(T);
+    auto kernel = attention_tc_kernel<T, kHeadDim, kWarps, kBlockN>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err == cudaSuccess) {
+        const int64_t n_qtiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
+        const int64_t blocks = n_qtiles * p.batch * p.num_heads_q;
+        if (blocks > 0x7fffffffLL) {
+            throw std::invalid_argument(
+                "device='cuda': too many query tiles for one launch (batch * heads * "
+                "ceil(Lq / 64) must stay below 2^31)");
+        }
+        kernel<<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p, args);
+        err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) {
+        throw std::runtime_error(std::string("device='cuda': launching the tensor-core "
+                                             "attention kernel failed: ") +
+                                 cudaGetErrorString(err));
+    }
+}
+
+template <typename T>
+void launch_dtype(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
+    const int64_t d = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
+    if (d <= 64) {
+        launch<T, /*kHeadDim=*/64, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
+    } else {
+        launch<T, /*kHeadDim=*/128, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
+    }
+}
+
+}  // namespace
+
+void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
+    if (p.dtype == DType::kFloat16) {
+        launch_dtype<__half>(p, args, stream);
+    } else {
+        launch_dtype<__nv_bfloat16>(p, args, stream);
+    }
+}
+
+}  // namespace cuda
+}  // namespace mha
