@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _core
 from ._scores import Additive, Concat, General
+from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 
 __version__: str = _core.build_info()["version"]
 
@@ -16,6 +17,9 @@ __all__ = [
     "Additive",
     "Concat",
     "General",
+    "MultiHeadAttention",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
     "__version__",
     "attention",
     "build_info",
