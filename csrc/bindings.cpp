@@ -404,21 +404,20 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     p.out_stride_batch = O.sb, p.out_stride_head = O.sh, p.out_stride_seq = O.sl;
     // Size-1 axes got stride 0 above; with one row per axis it is never used.
 
-    std::vector<int64_t> w_shape = {Q.b, Q.h, Q.l, K.l};
-    std::vector<int64_t> lse_shape = {Q.b, Q.h, Q.l};
-    if (rank < 4) {
-        w_shape.erase(w_shape.begin(), w_shape.begin() + (4 - rank));
-        lse_shape.erase(lse_shape.begin(), lse_shape.begin() + (4 - rank));
-    }
-    const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
+    // weights (B, Hq, Lq, Lk) and lse (B, Hq, Lq), dropping the leading axes the inputs lack.
     py::array weights, lse;
-    if (return_weights) {
-        weights = py::array(acc_dtype, w_shape);
-        p.weights = weights.mutable_data();
-    }
-    if (return_lse) {
-        lse = py::array(acc_dtype, lse_shape);
-        p.lse = lse.mutable_data();
+    if (return_weights || return_lse) {
+        const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
+        const std::vector<int64_t> full = {Q.b, Q.h, Q.l, K.l};
+        if (return_weights) {
+            weights = py::array(acc_dtype, std::vector<int64_t>(full.begin() + (4 - rank), full.end()));
+            p.weights = weights.mutable_data();
+        }
+        if (return_lse) {
+            lse = py::array(acc_dtype,
+                            std::vector<int64_t>(full.begin() + (4 - rank), full.end() - 1));
+            p.lse = lse.mutable_data();
+        }
     }
 
     InterruptPoll poll;
@@ -449,6 +448,135 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     return std::move(t);
 }
 
+// S2Attention's two native passes (csrc/cpu/s2_cpu.h) on x (B, H, W, 3C), float32/float64:
+// logits None -> the branch/pixel sums (B, C); logits (B, 3C) -> the softmax-weighted
+// combination of the shifted branches (B, H, W, C). Both return a new array; x is only read.
+py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
+    S2Params p{};
+    DType dt;
+    MHA_CHECK_TYPE(classify(x, &dt) && (dt == DType::kFloat32 || dt == DType::kFloat64),
+                   "x: expected a float32 or float64 array, got dtype ", dtype_name(x));
+    MHA_CHECK(x.ndim() == 4, "x: expected 4 dimensions (B, H, W, 3*C), got shape ", shape_str(x));
+    MHA_CHECK(x.shape(3) >= 3 && x.shape(3) % 3 == 0,
+              "x: the last axis must hold 3*C channels with C >= 1, got shape ", shape_str(x));
+    x = fast_path_view(x);
+    p.dtype = dt;
+    p.x = x.data();
+    p.batch = x.shape(0);
+    p.height = x.shape(1);
+    p.width = x.shape(2);
+    p.channels = x.shape(3) / 3;
+    p.x_stride_batch = elem_stride(x, 0);
+    p.x_stride_h = elem_stride(x, 1);
+    p.x_stride_w = elem_stride(x, 2);
+    if (!num_threads.is_none()) {
+        int64_t n;
+        try {
+            n = num_threads.cast<int64_t>();
+        } catch (const py::cast_error&) {
+            throw type_error("num_threads: expected an int or None");
+        }
+        MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
+        p.num_threads = static_cast<int>(n);
+    }
+    const int64_t B = p.batch, C = p.channels;
+    if (logits.is_none()) {
+        py::array sums(x.dtype(), std::vector<int64_t>{B, C});
+        p.sums = sums.mutable_data();
+        {
+            py::gil_scoped_release release;
+            s2_branch_sum(p);
+        }
+        return sums;
+    }
+    py::array l = py::array::ensure(logits);
+    MHA_CHECK_TYPE(l && l.dtype().equal(x.dtype()), "logits: expected dtype ", dtype_name(x),
+                   " like x, got ", l ? dtype_name(l) : std::string("object"));
+    MHA_CHECK(l.ndim() == 2 && l.shape(0) == B && l.shape(1) == 3 * C,
+              "logits: expected shape (B, 3*C) = (", B, ", ", 3 * C, "), got ", shape_str(l));
+    l = py::array::ensure(l, py::array::c_style);
+    p.logits = l.data();
+    py::array result(x.dtype(), std::vector<int64_t>{B, p.height, p.width, C});
+    p.out = result.mutable_data();
+    {
+        py::gil_scoped_release release;
+        s2_combine(p);
+    }
+    return result;
+}
+
+// attention() as a METH_FASTCALL function: the arguments arrive as a C array, so a tiny call
+// skips pybind11's generic dispatcher (an argument vector and one caster per argument, about
+// a microsecond for 21 arguments). C++ exceptions are mapped as pybind11 maps them.
+constexpr Py_ssize_t kAttentionArgs = 21;
+
+PyObject* attention_fastcall(PyObject*, PyObject* const* args, size_t nargsf,
+                             PyObject* kwnames) {
+    try {
+        const Py_ssize_t npos = PyVectorcall_NARGS(nargsf);
+        const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
+        // The only keyword is the last argument, naive=.
+        if (nkw > 1 || (nkw == 1 && (npos != kAttentionArgs - 1 ||
+                                     PyUnicode_CompareWithASCIIString(
+                                         PyTuple_GET_ITEM(kwnames, 0), "naive") != 0))) {
+            throw type_error("_core.attention: the only keyword argument is naive=");
+        }
+        const Py_ssize_t nargs = npos + nkw;
+        if (nargs != kAttentionArgs && nargs != kAttentionArgs - 1) {
+            throw type_error(detail::concat("_core.attention: expected ", kAttentionArgs - 1,
+                                            " or ", kAttentionArgs, " arguments, got ", nargs));
+        }
+        auto arr = [&](Py_ssize_t i, const char* name) {
+            if (py::isinstance<py::array>(args[i])) {  // skip NumPy's conversion machinery
+                return py::reinterpret_borrow<py::array>(args[i]);
+            }
+            py::array a = py::array::ensure(args[i]);
+            if (!a) {
+                PyErr_Clear();
+                throw type_error(detail::concat(name, ": expected a NumPy array, got ",
+                                                Py_TYPE(args[i])->tp_name));
+            }
+            return a;
+        };
+        auto obj = [&](Py_ssize_t i) { return py::reinterpret_borrow<py::object>(args[i]); };
+        auto integer = [&](Py_ssize_t i, const char* name) {
+            const long long x = PyLong_AsLongLong(args[i]);
+            if (x == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                throw type_error(detail::concat(name, ": expected an int"));
+            }
+            return x;
+        };
+        auto flag = [&](Py_ssize_t i) { return PyObject_IsTrue(args[i]) == 1; };
+        py::object result =
+            attention(arr(0, "q"), arr(1, "k"), arr(2, "v"), obj(3), obj(4),
+                      static_cast<int>(integer(5, "causal")), integer(6, "window"),
+                      integer(7, "window"), obj(8), obj(9), static_cast<int>(integer(10, "score")),
+                      obj(11), obj(12), obj(13), flag(14), flag(15), flag(16),
+                      static_cast<int>(integer(17, "device")), obj(18), obj(19),
+                      nargs == kAttentionArgs && flag(20));
+        return result.release().ptr();
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (const type_error& e) {
+        PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const std::invalid_argument& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+        PyErr_NoMemory();
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+PyMethodDef attention_def = {
+    "attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fastcall)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "attention(q, k, v, mask, bias, causal, window_left, window_right, key_lengths, scale, "
+    "score, score_wq, score_wk, score_w, return_weights, return_lse, blhd, device, "
+    "num_threads, out, naive=False): the raw binding behind mha_ext.attention."};
+
 }  // namespace
 }  // namespace mha
 
@@ -464,12 +592,12 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
-    m.def("attention", &mha::attention, py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("mask"), py::arg("bias"), py::arg("causal"), py::arg("window_left"),
-          py::arg("window_right"), py::arg("key_lengths"), py::arg("scale"), py::arg("score"),
-          py::arg("score_wq"), py::arg("score_wk"), py::arg("score_w"),
-          py::arg("return_weights"), py::arg("return_lse"), py::arg("blhd"), py::arg("device"),
-          py::arg("num_threads"), py::arg("out"), py::arg("naive") = false);
+    m.add_object("attention",
+                 py::reinterpret_steal<py::object>(PyCFunction_New(&mha::attention_def, nullptr)));
+
+    m.def("s2_attention", &mha::s2_attention, py::arg("x"), py::arg("logits") = py::none(),
+          py::arg("num_threads") = py::none(),
+          "S2Attention's native passes: logits None -> branch sums (B, C); else (B, H, W, C).");
 
     m.def("build_info", [] {
         const mha::BuildInfo info = mha::build_info();

@@ -8,6 +8,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/s2_cpu.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
 #endif
@@ -94,6 +95,16 @@ void attention_forward(const AttentionParams& params) {
 #endif
     }
     throw std::invalid_argument("device: unknown device");
+}
+
+void s2_branch_sum(const S2Params& params) {
+    s2_check_params(params);
+    s2_branch_sum_cpu(params);
+}
+
+void s2_combine(const S2Params& params) {
+    s2_check_params(params);
+    s2_combine_cpu(params);
 }
 
 bool cuda_available() {

@@ -14,6 +14,11 @@ void check_params(const AttentionParams& params);
 // available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
 
+// S2Attention passes (CPU): check the parameters, then pass 1 (shifted branch sums) or
+// pass 2 (softmax over branches and the weighted combine).
+void s2_branch_sum(const S2Params& params);
+void s2_combine(const S2Params& params);
+
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {
     std::string simd;           // SIMD path chosen at run time: "avx2+fma" or "generic"

@@ -7,9 +7,12 @@ online softmax: no Lq×Lk matrix exists unless the weights are asked for. See
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _core
 from ._scores import Additive, Concat, General
 from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
+from .s2 import S2Attention
 
 __version__: str = _core.build_info()["version"]
 
@@ -18,6 +21,7 @@ __all__ = [
     "Concat",
     "General",
     "MultiHeadAttention",
+    "S2Attention",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
     "__version__",
@@ -60,6 +64,15 @@ def _window(window):
         else:
             out.append(x.__index__())
     return out[0], out[1]
+
+
+def _flag(x, name):
+    """A bool argument: True/False (NumPy bools and the ints 0/1 too), else TypeError."""
+    if x is True or x is False:
+        return x
+    if isinstance(x, (int, np.bool_)) and x in (0, 1):
+        return bool(x)
+    raise TypeError(f"{name}: expected True or False, got {x!r}")
 
 
 def _score(score):
@@ -161,7 +174,8 @@ def attention(
         kind = 3
     return _core.attention(
         q, k, v, mask, bias, causal_code, left, right, key_lengths, scale, kind, w1, w2, w3,
-        bool(return_weights), bool(return_lse), blhd, dev, num_threads, out,
+        _flag(return_weights, "return_weights"), _flag(return_lse, "return_lse"), blhd, dev,
+        num_threads, out,
     )
 
 
