@@ -88,10 +88,29 @@ bool classify(const py::array& a, DType* out) {
     return false;
 }
 
-// A view whose last axis is contiguous and whose strides are whole elements; else a C copy.
+// True when the dtype's bytes are in this machine's order ('=' native, '|' not applicable).
+bool native_order(const py::dtype& dt) {
+    const char order = dt.byteorder();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return order != '<';
+#else
+    return order != '>';
+#endif
+}
+
+// The array in native byte order (a converted copy when it is not), so the kernels never
+// read swapped bytes.
+py::array native_byte_order(py::array a) {
+    if (native_order(a.dtype())) return a;
+    return a.attr("astype")(a.dtype().attr("newbyteorder")("="));
+}
+
+// A view whose data is aligned, whose last axis is contiguous and whose strides are whole
+// elements; else a C copy (the kernels load elements as their type: UB when misaligned).
 py::array fast_path_view(py::array a) {
     const py::ssize_t item = a.itemsize();
-    bool ok = a.ndim() == 0 || a.shape(a.ndim() - 1) <= 1 || a.strides(a.ndim() - 1) == item;
+    bool ok = (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0 &&
+              (a.ndim() == 0 || a.shape(a.ndim() - 1) <= 1 || a.strides(a.ndim() - 1) == item);
     for (py::ssize_t i = 0; ok && i < a.ndim(); ++i) ok = a.strides(i) % item == 0;
     if (ok) return a;
     // Deliberately leaked: a static py::object would be released after Python finalised.
@@ -185,8 +204,9 @@ py::array as_accum(const py::handle& obj, bool dbl, const char* name) {
     const bool numeric = kind == 'f' || kind == 'i' || kind == 'u' || is_bfloat16(a.dtype());
     MHA_CHECK_TYPE(numeric, name, ": expected a real floating-point array, got dtype ",
                    dtype_name(a));
-    if (dbl) return py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
-    return py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
+    py::array r = dbl ? py::array(py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a))
+                      : py::array(py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a));
+    return fast_path_view(r);
 }
 
 py::object attention(py::array q, py::array k, py::array v, py::object mask, py::object bias,
@@ -198,7 +218,10 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     AttentionParams p{};
     p.naive = naive;
 
-    // dtypes: one float dtype for q, k, v.
+    // dtypes: one float dtype for q, k, v (byte-swapped arrays are converted first).
+    q = native_byte_order(q);
+    k = native_byte_order(k);
+    v = native_byte_order(v);
     DType dq_type, dk_type, dv_type;
     const bool q_ok = classify(q, &dq_type), k_ok = classify(k, &dk_type),
                v_ok = classify(v, &dv_type);
@@ -301,6 +324,11 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                                             std::string(py::str(py::type::of(scale).attr("__name__")))));
         }
         MHA_CHECK(std::isfinite(s), "scale: must be finite, got ", s);
+        // Logits are accumulated in float32 for fp32/fp16/bf16 inputs: past 2^64 every
+        // non-tiny logit overflows to inf and rows turn to NaN. Refuse rather than guess.
+        MHA_CHECK(dbl || std::fabs(s) <= 1.8446744073709552e19, "scale: |", s,
+                  "| > 2^64 overflows the float32 logits of ", dtype_name(q),
+                  " inputs; use float64 inputs for such scales");
         p.scale = s;
     }
 
@@ -328,9 +356,8 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                        "bias: expected a float array added to the scores, got dtype ",
                        raw ? dtype_name(raw) : std::string("object"),
                        raw && raw.dtype().kind() == 'b' ? " (use mask= for a bool mask)" : "");
-        bool same = dbl ? py::isinstance<py::array_t<double>>(raw) && raw.dtype().kind() == 'f' &&
-                              raw.itemsize() == 8
-                        : raw.dtype().kind() == 'f' && raw.itemsize() == 4;
+        const bool same = raw.dtype().kind() == 'f' && raw.itemsize() == (dbl ? 8 : 4) &&
+                          native_order(raw.dtype());
         bias_arr = same ? fast_path_view(raw) : as_accum(raw, dbl, "bias");
         int64_t st[4];
         broadcast_strides(bias_arr, "bias", target, st);
@@ -345,7 +372,8 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                        raw ? dtype_name(raw) : std::string("object"));
         MHA_CHECK(raw.ndim() == 1 && raw.shape(0) == Q.b,
                   "key_lengths: expected shape (B,) = (", Q.b, ",), got ", shape_str(raw));
-        kl_arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw);
+        kl_arr = fast_path_view(
+            py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw));
         // uint64 values above INT64_MAX would wrap: reject them as out of range.
         if (raw.dtype().kind() == 'u' && raw.itemsize() == 8) {
             const py::array_t<uint64_t> u = py::array_t<uint64_t, py::array::forcecast>::ensure(raw);
@@ -368,6 +396,8 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     MHA_CHECK(device == 0 || device == 1, "device: expected 'cpu', 'cuda' or 'auto'");
     p.device = static_cast<Device>(device);
     if (!num_threads.is_none()) {
+        MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
+                       num_threads.cast<bool>() ? "True" : "False");
         int64_t n;
         try {
             n = num_threads.cast<int64_t>();
@@ -398,6 +428,10 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
         MHA_CHECK(result.writeable(), "out: must be writeable");
         MHA_CHECK(!overlaps(result, q) && !overlaps(result, k) && !overlaps(result, v),
                   "out: must not share memory with q, k or v");
+        for (const py::array* in : {&mask_arr, &bias_arr, &kl_arr, &wq, &wk, &wv}) {
+            MHA_CHECK(!*in || !overlaps(result, *in),
+                      "out: must not share memory with mask, bias, key_lengths or score weights");
+        }
     }
     const Dims4 O = dims_of(result, ax);
     p.out = result.mutable_data();
@@ -470,6 +504,8 @@ py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
     p.x_stride_h = elem_stride(x, 1);
     p.x_stride_w = elem_stride(x, 2);
     if (!num_threads.is_none()) {
+        MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
+                       num_threads.cast<bool>() ? "True" : "False");
         int64_t n;
         try {
             n = num_threads.cast<int64_t>();

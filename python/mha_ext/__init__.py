@@ -181,7 +181,10 @@ def attention(
 
 def _split_concat(q, W):
     """Concat's W (D + Dk, A) as the additive pair (W[:D], W[D:])."""
-    d = q.shape[-1] if hasattr(q, "shape") else len(q[0])
+    shape = np.shape(q) if q is not None else ()
+    if len(shape) < 2:
+        raise ValueError(f"q: expected 2, 3 or 4 dimensions, got shape {shape}")
+    d = shape[-1]
     if W.shape[0] <= d:
         raise ValueError(
             f"Concat.W: expected shape (D + Dk, A) with D = {d} and Dk >= 1, got {W.shape}"

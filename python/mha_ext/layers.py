@@ -66,6 +66,8 @@ def _rng(seed) -> np.random.Generator:
         return seed
     if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__")):
         raise TypeError(f"seed: expected None, an int or a numpy Generator, got {seed!r}")
+    if seed is not None and seed.__index__() < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     return np.random.default_rng(seed)
 
 
