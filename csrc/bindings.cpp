@@ -113,10 +113,9 @@ py::array fast_path_view(py::array a) {
               (a.ndim() == 0 || a.shape(a.ndim() - 1) <= 1 || a.strides(a.ndim() - 1) == item);
     for (py::ssize_t i = 0; ok && i < a.ndim(); ++i) ok = a.strides(i) % item == 0;
     if (ok) return a;
-    // Deliberately leaked: a static py::object would be released after Python finalised.
-    static py::object* ascontiguousarray =
-        new py::object(py::module_::import("numpy").attr("ascontiguousarray"));
-    return (*ascontiguousarray)(a);
+    // A fresh C-ordered copy: new NumPy buffers are aligned (ascontiguousarray would hand a
+    // contiguous but misaligned array back unchanged).
+    return a.attr("copy")();
 }
 
 int64_t elem_stride(const py::array& a, py::ssize_t axis) {
