@@ -41,8 +41,10 @@ step "build + install mha_ext with -fsanitize=address,undefined (RelWithDebInfo,
 
 # Python itself is not instrumented: the ASan runtime must be loaded first (LD_PRELOAD).
 # detect_leaks=0 for the interpreter (CPython keeps objects alive at exit by design); native
-# leaks are checked below on the C++ harness with LeakSanitizer.
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0"
+# leaks are checked below on the C++ harness with LeakSanitizer. allocator_may_return_null=1:
+# an impossible allocation (the bad-input fuzzer asks for a 32 TB output) must fail as malloc
+# does, so NumPy raises MemoryError, instead of ASan aborting the process.
+export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 run_sanitized() { LD_PRELOAD="$asan_lib:$ubsan_lib" "$@"; }
 
