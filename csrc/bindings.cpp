@@ -453,8 +453,11 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
         }
     }
 
+    // Ctrl-C polling, for calls long enough to notice it (> ~1 ms of work) from the main thread.
     InterruptPoll poll;
-    if (PyThread_get_thread_ident() == main_thread_ident()) {
+    const double work = 2.0 * static_cast<double>(p.batch) * p.num_heads_q * p.seqlen_q *
+                        p.seqlen_k * (p.head_dim_k + p.head_dim_v);
+    if (work > 1e7 && PyThread_get_thread_ident() == main_thread_ident()) {
         p.interrupt_check = &poll_python_signals;
         p.interrupt_ctx = &poll;
     }

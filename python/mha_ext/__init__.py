@@ -174,8 +174,11 @@ def attention(
         kind = 3
     return _core.attention(
         q, k, v, mask, bias, causal_code, left, right, key_lengths, scale, kind, w1, w2, w3,
-        _flag(return_weights, "return_weights"), _flag(return_lse, "return_lse"), blhd, dev,
-        num_threads, out,
+        return_weights if return_weights is False or return_weights is True
+        else _flag(return_weights, "return_weights"),
+        return_lse if return_lse is False or return_lse is True
+        else _flag(return_lse, "return_lse"),
+        blhd, dev, num_threads, out,
     )
 
 
