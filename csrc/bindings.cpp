@@ -122,6 +122,21 @@ int64_t elem_stride(const py::array& a, py::ssize_t axis) {
     return a.shape(axis) <= 1 ? 0 : static_cast<int64_t>(a.strides(axis) / a.itemsize());
 }
 
+// num_threads: None -> 0 (the OpenMP default), else an int in 1..4096 (bools refused).
+int parse_num_threads(const py::object& num_threads) {
+    if (num_threads.is_none()) return 0;
+    MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
+                   num_threads.cast<bool>() ? "True" : "False");
+    int64_t n;
+    try {
+        n = num_threads.cast<int64_t>();
+    } catch (const py::cast_error&) {
+        throw type_error("num_threads: expected an int or None");
+    }
+    MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
+    return static_cast<int>(n);
+}
+
 // [lo, hi) byte range spanned by an array.
 void byte_extent(const py::array& a, uintptr_t* lo, uintptr_t* hi) {
     uintptr_t start = reinterpret_cast<uintptr_t>(a.data());
@@ -394,18 +409,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
 
     MHA_CHECK(device == 0 || device == 1, "device: expected 'cpu', 'cuda' or 'auto'");
     p.device = static_cast<Device>(device);
-    if (!num_threads.is_none()) {
-        MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
-                       num_threads.cast<bool>() ? "True" : "False");
-        int64_t n;
-        try {
-            n = num_threads.cast<int64_t>();
-        } catch (const py::cast_error&) {
-            throw type_error("num_threads: expected an int or None");
-        }
-        MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
-        p.num_threads = static_cast<int>(n);
-    }
+    p.num_threads = parse_num_threads(num_threads);
 
     // Outputs.
     const std::vector<int64_t> out_shape = shape_of(rank, blhd, Q.b, Q.h, Q.l, V.d);
@@ -505,18 +509,7 @@ py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
     p.x_stride_batch = elem_stride(x, 0);
     p.x_stride_h = elem_stride(x, 1);
     p.x_stride_w = elem_stride(x, 2);
-    if (!num_threads.is_none()) {
-        MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
-                       num_threads.cast<bool>() ? "True" : "False");
-        int64_t n;
-        try {
-            n = num_threads.cast<int64_t>();
-        } catch (const py::cast_error&) {
-            throw type_error("num_threads: expected an int or None");
-        }
-        MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
-        p.num_threads = static_cast<int>(n);
-    }
+    p.num_threads = parse_num_threads(num_threads);
     const int64_t B = p.batch, C = p.channels;
     if (logits.is_none()) {
         py::array sums(x.dtype(), std::vector<int64_t>{B, C});

@@ -885,31 +885,6 @@ class TransformerDecoderLayer(TransformerEncoderLayer):
     _NORMS = ("norm1", "norm2", "norm3")
     _ATTNS = ("self_attn", "multihead_attn")
 
-    def __init__(
-        self,
-        d_model,
-        nhead,
-        dim_feedforward=2048,
-        *,
-        activation="relu",
-        norm_first=False,
-        layer_norm_eps=1e-5,
-        bias=True,
-        dtype=np.float32,
-        seed=None,
-    ):
-        self._init_common(
-            d_model,
-            nhead,
-            dim_feedforward,
-            activation,
-            norm_first,
-            layer_norm_eps,
-            bias,
-            dtype,
-            seed,
-        )
-
     def __call__(
         self,
         tgt,
