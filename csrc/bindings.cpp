@@ -45,15 +45,7 @@ unsigned long main_thread_ident() {
 // Score kinds as the Python layer passes them.
 enum ScoreArg : int { kScoreScaledDot = 0, kScoreDot = 1, kScoreGeneral = 2, kScoreAdditive = 3 };
 
-std::string shape_str(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-        s += std::to_string(a.shape(i));
-        if (a.ndim() == 1 || i + 1 < a.ndim()) s += a.ndim() == 1 ? "," : ", ";
-    }
-    return s + ")";
-}
-
+// "(2, 3)", "(5,)", "()": a shape as NumPy prints it.
 std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
     for (size_t i = 0; i < shape.size(); ++i) {
@@ -61,6 +53,10 @@ std::string shape_str(const std::vector<int64_t>& shape) {
         if (shape.size() == 1 || i + 1 < shape.size()) s += shape.size() == 1 ? "," : ", ";
     }
     return s + ")";
+}
+
+std::string shape_str(const py::array& a) {
+    return shape_str(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
 }
 
 std::string dtype_name(const py::array& a) { return py::str(a.dtype().attr("name")); }
