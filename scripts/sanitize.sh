@@ -57,8 +57,8 @@ step "import check (the sanitized module loads under the preloaded runtime)"
 #    arrays and minutes of instrumented work; their indexing is covered by the smaller
 #    >65,536-length tests that do run here.
 #  - test_leaks.py: RSS thresholds are meaningless under ASan's quarantine/shadow memory.
-#  - test_calls_run_in_parallel: a timing ratio, not a correctness check.
-#  - test_ctrl_c_interrupts_a_long_call: a 0.5 s latency budget; timing again.
+#  - test_ctrl_c_interrupts_a_long_call: a 0.5 s latency budget on multi-second calls,
+#    which instrumented code stretches several-fold.
 #  - the PyTorch cross-checks (test_torch.py, test_layers.py, benchmarks smoke) skip
 #    themselves: torch is not installed in this venv to keep the run short. The layers are
 #    pure Python over the same native call, which the rest of the suite covers.
@@ -69,7 +69,7 @@ set +e
 ( cd "$root" && run_sanitized "$venv/bin/python" -m pytest -p no:cacheprovider -q \
   -m "not slow" \
   --ignore tests/test_leaks.py \
-  -k "not test_calls_run_in_parallel and not test_ctrl_c_interrupts_a_long_call" \
+  -k "not test_ctrl_c_interrupts_a_long_call" \
   tests 2>&1 ) | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
