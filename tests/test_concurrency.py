@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import mha_ext
 import ml_dtypes
 import numpy as np
-import pytest
 from reference import attention_ref, random_inputs
 
 
@@ -73,7 +72,9 @@ def test_threads_match_serial_bitwise(rng):
         assert len(res) == len(serial[i])
         for a, b in zip(res, serial[i]):
             assert a.dtype == b.dtype and a.shape == b.shape
-            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"problem {i}")
+            np.testing.assert_array_equal(
+                a.view(np.uint8), b.view(np.uint8), err_msg=f"problem {i}"
+            )
 
 
 def test_threads_with_out_and_errors(rng):

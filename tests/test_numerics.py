@@ -3,15 +3,14 @@ lengths above 65,536, outputs above 2**31 elements, and Ctrl-C during a long cal
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
-import ml_dtypes
 import mha_ext
+import ml_dtypes
 import numpy as np
 import pytest
 from reference import attention_ref, random_inputs, visible_mask
