@@ -114,9 +114,15 @@ py::array fast_path_view(py::array a) {
     return a.attr("copy")();
 }
 
-int64_t elem_stride(const py::array& a, py::ssize_t axis) {
-    return a.shape(axis) <= 1 ? 0 : static_cast<int64_t>(a.strides(axis) / a.itemsize());
+// Stride of an axis in elements (0 for a size-1 axis). `item` is a.itemsize(), which costs a
+// lookup of NumPy's API table each time: callers read it once per array.
+int64_t elem_stride(const py::array& a, py::ssize_t axis, py::ssize_t item) {
+    return a.shape(axis) <= 1 ? 0 : static_cast<int64_t>(a.strides(axis) / item);
 }
+
+// An absent optional array. pybind11's default py::array() allocates an empty float64 array
+// (with two heap vectors for its shape); a tiny call used to build nine of them.
+py::array no_array() { return py::reinterpret_steal<py::array>(py::handle()); }
 
 // num_threads: None -> 0 (the OpenMP default), else an int in 1..4096 (bools refused).
 int parse_num_threads(const py::object& num_threads) {
@@ -173,7 +179,8 @@ struct Dims4 {
 };
 Dims4 dims_of(const py::array& a, const Axes& ax) {
     auto size = [&](int axis) { return axis < 0 ? int64_t{1} : static_cast<int64_t>(a.shape(axis)); };
-    auto stride = [&](int axis) { return axis < 0 ? int64_t{0} : elem_stride(a, axis); };
+    const py::ssize_t item = a.itemsize();
+    auto stride = [&](int axis) { return axis < 0 ? int64_t{0} : elem_stride(a, axis, item); };
     return {size(ax.b), size(ax.h), size(ax.l), size(ax.d), stride(ax.b), stride(ax.h),
             stride(ax.l)};
 }
@@ -200,9 +207,10 @@ void broadcast_strides(const py::array& a, const char* name, const int64_t targe
             name, ": shape ", shape_str(a), " is not broadcastable to (B, Hq, Lq, Lk) = ",
             shape_str(std::vector<int64_t>(target, target + 4))));
     }
+    const py::ssize_t item = a.itemsize();
     for (int t = 0; t < 4; ++t) {
         const int i = t - (4 - nd);
-        strides[t] = (i < 0 || a.shape(i) == 1) ? 0 : static_cast<int64_t>(a.strides(i) / a.itemsize());
+        strides[t] = (i < 0 || a.shape(i) == 1) ? 0 : static_cast<int64_t>(a.strides(i) / item);
     }
 }
 
@@ -286,7 +294,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     p.v_stride_batch = V.sb, p.v_stride_head = V.sh, p.v_stride_seq = V.sl;
 
     // Score function and scale.
-    py::array wq, wk, wv;
+    py::array wq = no_array(), wk = no_array(), wv = no_array();
     switch (score) {
         case kScoreScaledDot:
         case kScoreDot:
@@ -344,7 +352,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
 
     // Masks: bool mask and float bias broadcast through zero strides to (B, Hq, Lq, Lk).
     const int64_t target[4] = {Q.b, Q.h, Q.l, K.l};
-    py::array mask_arr, bias_arr, kl_arr;
+    py::array mask_arr = no_array(), bias_arr = no_array(), kl_arr = no_array();
     if (!mask.is_none()) {
         mask_arr = py::array::ensure(mask);
         MHA_CHECK_TYPE(mask_arr && mask_arr.dtype().kind() == 'b',
@@ -409,7 +417,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
 
     // Outputs.
     const std::vector<int64_t> out_shape = shape_of(rank, blhd, Q.b, Q.h, Q.l, V.d);
-    py::array result;
+    py::array result = no_array();
     if (out.is_none()) {
         result = py::array(q.dtype(), out_shape);
     } else {
@@ -438,7 +446,7 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     // Size-1 axes got stride 0 above; with one row per axis it is never used.
 
     // weights (B, Hq, Lq, Lk) and lse (B, Hq, Lq), dropping the leading axes the inputs lack.
-    py::array weights, lse;
+    py::array weights = no_array(), lse = no_array();
     if (return_weights || return_lse) {
         const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
         const std::vector<int64_t> full = {Q.b, Q.h, Q.l, K.l};
@@ -502,9 +510,10 @@ py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
     p.height = x.shape(1);
     p.width = x.shape(2);
     p.channels = x.shape(3) / 3;
-    p.x_stride_batch = elem_stride(x, 0);
-    p.x_stride_h = elem_stride(x, 1);
-    p.x_stride_w = elem_stride(x, 2);
+    const py::ssize_t item = x.itemsize();
+    p.x_stride_batch = elem_stride(x, 0, item);
+    p.x_stride_h = elem_stride(x, 1, item);
+    p.x_stride_w = elem_stride(x, 2, item);
     p.num_threads = parse_num_threads(num_threads);
     const int64_t B = p.batch, C = p.channels;
     if (logits.is_none()) {
