@@ -258,6 +258,7 @@ def time_interleaved(
     A sample loops a side's call n times, n sized from its first (warmup) call so that the
     sample lasts about min_sample_s; the sample's value is its time / n.
     """
+
     def side(key):  # keys are side names or (config, side) pairs
         return key[1] if isinstance(key, tuple) else key
 
@@ -516,6 +517,56 @@ def measure_overhead(threads: int, reps: int, calls_per_sample: int) -> dict:
             "calls_per_sample": calls_per_sample,
         }
         for s, x in samples.items()
+    }
+
+
+def measure_python_threads(reps: int) -> dict:
+    """Two Python threads each running single-threaded mha_ext calls vs the same calls run
+    one after the other: the GIL is released during native work, so on >= 2 free cores the
+    threaded run takes about half the time. Each sample is a serial block and a threaded
+    block, alternated; the ratio is the median of per-sample ratios."""
+    import threading
+
+    import mha_ext
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 256, 64), dtype=np.float32)
+    k = rng.standard_normal((1, 2, 2048, 64), dtype=np.float32)
+    v = rng.standard_normal((1, 2, 2048, 64), dtype=np.float32)
+
+    def call():
+        mha_ext.attention(q, k, v, num_threads=1)
+
+    call()
+    t0 = time.perf_counter()
+    call()
+    n = max(1, round(0.1 / max(time.perf_counter() - t0, 1e-5)))  # ~0.1 s per worker
+
+    def work():
+        for _ in range(n):
+            call()
+
+    serial, threaded = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        work()
+        work()
+        serial.append(time.perf_counter() - t0)
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        threaded.append(time.perf_counter() - t0)
+    ratios = [t / s for t, s in zip(threaded, serial)]
+    return {
+        "problem": "q (1, 2, 256, 64), k/v (1, 2, 2048, 64) float32, num_threads=1",
+        "calls_per_worker": n,
+        "serial_ms_median": 1e3 * statistics.median(serial),
+        "two_threads_ms_median": 1e3 * statistics.median(threaded),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
     }
 
 
@@ -942,6 +993,28 @@ def write_markdown(res: dict, path: Path) -> None:
                 ],
             )
         )
+    if res.get("threads"):
+        t = res["threads"]
+        out += [
+            "",
+            "## Two Python threads (GIL released during native work)",
+            "",
+            (
+                f"{t['problem']}, {t['calls_per_worker']} calls per worker: two workers run "
+                "one after the other, then at once in two Python threads (alternated, median)."
+            ),
+            "",
+            _md_table(
+                ["serial ms", "2 threads ms", "2 threads / serial"],
+                [
+                    [
+                        _fmt(t["serial_ms_median"]),
+                        _fmt(t["two_threads_ms_median"]),
+                        _fmt(t["ratio_median"], ".2f"),
+                    ]
+                ],
+            ),
+        ]
     if res.get("memory"):
         out += ["", "## Peak extra memory (fresh subprocess)", ""]
         rows = []
@@ -1033,8 +1106,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--sections",
         nargs="+",
-        default=["forward", "masked", "decode", "overhead", "memory"],
-        choices=["forward", "masked", "decode", "overhead", "memory"],
+        default=["forward", "masked", "decode", "overhead", "threads", "memory"],
+        choices=["forward", "masked", "decode", "overhead", "threads", "memory"],
     )
     p.add_argument("--no-numpy", action="store_true", help="skip the naive NumPy side")
     p.add_argument("--no-progress", action="store_true")
@@ -1087,7 +1160,7 @@ def main(argv=None) -> int:
         1
         + (len(dims) * len(lens) if "forward" in sec else 0)
         + ((1 if quick else len(dims)) if "masked" in sec else 0)
-        + sum(s in sec for s in ("decode", "overhead", "memory"))
+        + sum(s in sec for s in ("decode", "overhead", "threads", "memory"))
     )
     bar = Progress(n_steps, enabled=not args.no_progress)
     log = bar.write
@@ -1136,6 +1209,15 @@ def main(argv=None) -> int:
         log(
             "overhead (us/call): "
             + ", ".join(f"{s} {r['us_median']:.2f}" for s, r in res["overhead"].items())
+        )
+
+    if "threads" in sec:
+        bar.step("python threads")
+        res["threads"] = measure_python_threads(max(reps, 5))
+        t = res["threads"]
+        log(
+            f"2 Python threads: {t['two_threads_ms_median']:.1f} ms vs serial "
+            f"{t['serial_ms_median']:.1f} ms (ratio {t['ratio_median']:.2f})"
         )
 
     if "memory" in sec:
