@@ -20,8 +20,9 @@ What it does, in order:
    then times all sides interleaved in one process: each repetition runs every side once, in
    a rotating order; a sample is a loop of calls lasting at least ``--min-sample`` seconds;
    the median of the per-call times over >= 5 repetitions (3 in --quick) is reported.
-5. Decode, call overhead and peak extra memory (in a fresh subprocess), then the pass/fail
-   table of SPEC section 7, written as JSON, Markdown and PNG plots.
+5. Decode, call overhead, two Python threads against the same calls in series, and peak
+   extra memory (in a fresh subprocess), then the pass/fail table of SPEC section 7, written
+   as JSON, Markdown and PNG plots.
 
 FLOPs are counted the FlashAttention way: 4 * B * Hq * Lq * Lk_visible * D, halved for causal
 with Lq = Lk, where Lk_visible excludes padded keys (mask / key_lengths variants).
