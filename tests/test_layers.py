@@ -12,7 +12,7 @@ import os
 import mha_ext
 import numpy as np
 import pytest
-from mha_ext import layers
+from mha_ext import _nn
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -397,19 +397,19 @@ def test_decoder_unbatched_float64(rng):
 def test_erf_and_gelu_accuracy():
     xs = np.concatenate([np.linspace(-9, 9, 20001), [0.0, -0.0, 2.5, -2.5, 1e-8, 30, -30]])
     ref = np.array([math.erf(x) for x in xs])
-    np.testing.assert_allclose(layers.erf(xs), ref, rtol=0, atol=5e-15)
+    np.testing.assert_allclose(_nn.erf(xs), ref, rtol=0, atol=5e-15)
     g_ref = np.array([0.5 * x * math.erfc(-x / math.sqrt(2)) for x in xs])
     # Relative error of the negative tail: erfc = 1 - erf for |z| < 2.5 (≤ 2e-12 measured).
-    np.testing.assert_allclose(layers.gelu(xs), g_ref, rtol=5e-12, atol=1e-300)
+    np.testing.assert_allclose(_nn.gelu(xs), g_ref, rtol=5e-12, atol=1e-300)
     x32 = xs.astype(np.float32)
-    g32 = layers.gelu(x32)
+    g32 = _nn.gelu(x32)
     assert g32.dtype == np.float32
     g32_ref = [0.5 * x * math.erfc(-x / math.sqrt(2)) for x in x32.astype(np.float64)]
     np.testing.assert_allclose(g32, g32_ref, rtol=1.2e-7, atol=1e-45)  # float32 rounding
     # torch's float32 GELU loses relative precision in the negative tail: absolute check.
     np.testing.assert_allclose(g32, _np(torch.nn.functional.gelu(_t(x32))), rtol=0, atol=1e-6)
-    assert np.isnan(layers.gelu(np.array([np.nan]))).all()
-    np.testing.assert_array_equal(layers.gelu(np.array([np.inf, -np.inf])), [np.inf, 0.0])
+    assert np.isnan(_nn.gelu(np.array([np.nan]))).all()
+    np.testing.assert_array_equal(_nn.gelu(np.array([np.inf, -np.inf])), [np.inf, 0.0])
 
 
 # ------------------------------------------------------------------------------------------

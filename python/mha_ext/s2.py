@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _core
-from .layers import (
+from ._nn import (
     _check_unused,
     _layer_dtype,
     _linear_init,

@@ -3,8 +3,8 @@
 Run from the repository root on a machine with an NVIDIA GPU, python3, pip, nvcc and a CUDA
 build of torch:
 
-    python3 benchmarks/gpu_check.py            # everything
-    python3 benchmarks/gpu_check.py --skip-build --skip-sanitizer   # just tests + timings
+    python3 scripts/gpu_check.py            # everything
+    python3 scripts/gpu_check.py --skip-build --skip-sanitizer   # just tests + timings
 
 Steps:
   1. Test dependencies (pytest, hypothesis, ml_dtypes, scikit-build-core, pybind11) are
