@@ -309,6 +309,27 @@ def summarise(cfg: Config, timing: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def machine_folder(info: dict) -> str:
+    """The results folder of this kind of CPU, so that machines never overwrite each other.
+
+    ``amd-epyc-zen3`` (AVX2 only), ``intel-xeon-avx512-amx``, ``intel-xeon-avx512``, else a
+    slug of the model name and the widest vector extension.
+    """
+    model = info.get("model", "").lower()
+    flags = set(info.get("flags", []))
+    vendor = "amd" if "amd" in model else "intel" if "intel" in model else "cpu"
+    family = "epyc" if "epyc" in model else "xeon" if "xeon" in model else ""
+    if vendor == "amd" and family == "epyc" and "avx512f" not in flags:
+        return "amd-epyc-zen3"
+    isa = "-avx512-amx" if "amx_tile" in flags else "-avx512" if "avx512f" in flags else (
+        "-avx2" if "avx2" in flags else ""
+    )
+    if family:
+        return f"{vendor}-{family}{isa}"
+    slug = "".join(c if c.isalnum() else "-" for c in model).strip("-")
+    return (slug or platform.machine()) + isa
+
+
 def cpu_description() -> dict:
     info = {"model": platform.processor() or platform.machine(), "flags": []}
     try:
@@ -336,6 +357,7 @@ def cpu_description() -> dict:
                     "amx_tile",
                 }
             )
+    info["machine_folder"] = machine_folder(info)
     info["logical_cpus"] = os.cpu_count()
     info["usable_cpus"] = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1088,7 +1110,12 @@ def parse_args(argv=None):
         default=None,
         help="threads for every side (default: the usable CPUs)",
     )
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: benchmarks/results/<machine folder>, e.g. amd-epyc-zen3)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; 3 quick)")
     p.add_argument(
         "--min-sample",
@@ -1241,6 +1268,8 @@ def main(argv=None) -> int:
     res["contract"] = evaluate_contract(res, quick)
     del keep
 
+    if args.out is None:
+        args.out = Path(__file__).resolve().parent / "results" / machine_folder(cpu_description())
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = "quick_" if quick else ""
     json_path = args.out / f"{prefix}results.json"
