@@ -546,6 +546,107 @@ py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
 // a microsecond for 21 arguments). C++ exceptions are mapped as pybind11 maps them.
 constexpr Py_ssize_t kAttentionArgs = 21;
 
+// merge(outs, lses, blhd, num_threads) -> (out, lse): partial results over disjoint key shards
+// combined by their lse (SPEC 6.1). Shapes: every out_p has out's shape (rank 2..4, layout
+// `blhd`), every lse_p the (B, H, L) shape in the caller's rank.
+py::tuple merge(py::sequence outs, py::sequence lses, bool blhd, py::object num_threads) {
+    const int threads = parse_num_threads(num_threads);
+    const py::ssize_t n = static_cast<py::ssize_t>(py::len(outs));
+    MHA_CHECK(n >= 1, "outs: expected at least one partial output, got none");
+    MHA_CHECK(static_cast<py::ssize_t>(py::len(lses)) == n, "lses: expected ", n,
+              " lse arrays (one per part of outs), got ", py::len(lses));
+    std::vector<py::array> out_arr, lse_arr;
+    out_arr.reserve(n);
+    lse_arr.reserve(n);
+    DType dtype = DType::kFloat32;
+    py::dtype dt0;
+    std::vector<int64_t> shape0;
+    for (py::ssize_t p = 0; p < n; ++p) {
+        const std::string name = detail::concat("outs[", p, "]");
+        py::array a = py::array::ensure(outs[p]);
+        MHA_CHECK_TYPE(a, name, ": expected a NumPy array");
+        DType dt;
+        MHA_CHECK_TYPE(classify(a, &dt), name,
+                       ": expected float32, float64, float16 or bfloat16, got dtype ",
+                       dtype_name(a));
+        std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
+        if (p == 0) {
+            MHA_CHECK(a.ndim() >= 2 && a.ndim() <= 4, name,
+                      ": expected 2, 3 or 4 dimensions, got shape ", shape_str(a));
+            dtype = dt;
+            dt0 = a.dtype();
+            shape0 = shape;
+        } else {
+            MHA_CHECK_TYPE(dt == dtype, name, ": dtype ", dtype_name(a),
+                           " differs from outs[0]'s ", py::str(dt0.attr("name")).cast<std::string>());
+            MHA_CHECK(shape == shape0, name, ": shape ", shape_str(a), " differs from outs[0]'s ",
+                      shape_str(shape0), " (every part holds the same query rows)");
+        }
+        out_arr.push_back(fast_path_view(native_byte_order(a)));
+    }
+    const int rank = static_cast<int>(shape0.size());
+    const Axes ax = axes_of(rank, blhd);
+    const Dims4 d = dims_of(out_arr[0], ax);
+    // lse shape in the caller's rank: (B, H, L), (H, L) or (L,).
+    std::vector<int64_t> lse_shape{d.b, d.h, d.l};
+    lse_shape.erase(lse_shape.begin(), lse_shape.begin() + (4 - rank));
+    const bool dbl = dtype == DType::kFloat64;
+    for (py::ssize_t p = 0; p < n; ++p) {
+        const std::string name = detail::concat("lses[", p, "]");
+        py::array raw = py::array::ensure(lses[p]);
+        MHA_CHECK_TYPE(raw && raw.dtype().kind() == 'f', name,
+                       ": expected a float array, got ", raw ? dtype_name(raw) : "a non-array");
+        std::vector<int64_t> shape(raw.shape(), raw.shape() + raw.ndim());
+        MHA_CHECK(shape == lse_shape, name, ": expected shape ", shape_str(lse_shape),
+                  " (the lse of outs[", p, "]), got ", shape_str(raw));
+        lse_arr.push_back(as_accum(raw, dbl, name.c_str()));
+    }
+    std::vector<const void*> out_ptrs(n), lse_ptrs(n);
+    std::vector<int64_t> out_strides(3 * n), lse_strides(3 * n);
+    for (py::ssize_t p = 0; p < n; ++p) {
+        const Dims4 dp = dims_of(out_arr[p], ax);
+        out_ptrs[p] = out_arr[p].data();
+        out_strides[3 * p] = dp.sb;
+        out_strides[3 * p + 1] = dp.sh;
+        out_strides[3 * p + 2] = dp.sl;
+        const py::array& l = lse_arr[p];
+        const py::ssize_t item = l.itemsize();
+        lse_ptrs[p] = l.data();
+        // C-contiguous (B, H, L) in the caller's rank: implicit axes have stride 0.
+        int64_t s[3] = {0, 0, 0};
+        for (int t = 0; t < rank - 1; ++t) s[3 - (rank - 1) + t] = elem_stride(l, t, item);
+        lse_strides[3 * p] = s[0];
+        lse_strides[3 * p + 1] = s[1];
+        lse_strides[3 * p + 2] = s[2];
+    }
+    py::array result(dt0, shape0);
+    py::array lse(py::dtype(dbl ? "float64" : "float32"), lse_shape);
+    const Dims4 dr = dims_of(result, ax);
+    MergeParams mp;
+    mp.dtype = dtype;
+    mp.lse_double = dbl;
+    mp.num_parts = n;
+    mp.outs = out_ptrs.data();
+    mp.lses = lse_ptrs.data();
+    mp.out_strides = out_strides.data();
+    mp.lse_strides = lse_strides.data();
+    mp.batch = d.b;
+    mp.num_heads = d.h;
+    mp.seqlen = d.l;
+    mp.head_dim = d.d;
+    mp.out = result.mutable_data();
+    mp.out_stride_batch = dr.sb;
+    mp.out_stride_head = dr.sh;
+    mp.out_stride_seq = dr.sl;
+    mp.lse = lse.mutable_data();
+    mp.num_threads = threads;
+    {
+        py::gil_scoped_release release;
+        merge_forward(mp);
+    }
+    return py::make_tuple(result, lse);
+}
+
 PyObject* attention_fastcall(PyObject*, PyObject* const* args, size_t nargsf,
                              PyObject* kwnames) {
     try {
@@ -634,6 +735,10 @@ PYBIND11_MODULE(_core, m) {
     m.def("s2_attention", &mha::s2_attention, py::arg("x"), py::arg("logits") = py::none(),
           py::arg("num_threads") = py::none(),
           "S2Attention's native passes: logits None -> branch sums (B, C); else (B, H, W, C).");
+
+    m.def("merge", &mha::merge, py::arg("outs"), py::arg("lses"), py::arg("blhd") = false,
+          py::arg("num_threads") = py::none(),
+          "Merge partial attention results over disjoint key shards: (out, lse).");
 
     m.def("build_info", [] {
         const mha::BuildInfo info = mha::build_info();

@@ -8,6 +8,7 @@
 
 #include "check.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/merge_cpu.h"
 #include "cpu/s2_cpu.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
@@ -95,6 +96,31 @@ void attention_forward(const AttentionParams& params) {
 #endif
     }
     throw std::invalid_argument("device: unknown device");
+}
+
+void check_merge_params(const MergeParams& p) {
+    MHA_CHECK(p.num_parts >= 1, "merge: expected at least one part, got ", p.num_parts);
+    MHA_CHECK(p.batch >= 0 && p.num_heads >= 0 && p.seqlen >= 0 && p.head_dim >= 0,
+              "merge: sizes must be non-negative");
+    MHA_CHECK(p.lse_double == (p.dtype == DType::kFloat64),
+              "merge: lse must be float64 for float64 outputs and float32 otherwise");
+    MHA_CHECK(p.num_threads >= 0, "num_threads: must be positive, got ", p.num_threads);
+    const bool work = p.batch > 0 && p.num_heads > 0 && p.seqlen > 0;
+    if (work) {
+        MHA_CHECK(p.outs != nullptr && p.lses != nullptr && p.out_strides != nullptr &&
+                      p.lse_strides != nullptr && p.out != nullptr,
+                  "merge: the parts and the output must be given");
+        for (int64_t i = 0; i < p.num_parts; ++i) {
+            MHA_CHECK(p.lses[i] != nullptr && (p.head_dim == 0 || p.outs[i] != nullptr),
+                      "merge: part ", i, " has no data");
+        }
+    }
+}
+
+void merge_forward(const MergeParams& params) {
+    check_merge_params(params);
+    if (params.batch == 0 || params.num_heads == 0 || params.seqlen == 0) return;
+    merge_cpu(params);
 }
 
 void s2_branch_sum(const S2Params& params) {

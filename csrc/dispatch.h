@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "merge_params.h"
 #include "params.h"
 
 namespace mha {
@@ -13,6 +14,10 @@ void check_params(const AttentionParams& params);
 // check_params, then run on params.device. Throws std::runtime_error when that device is not
 // available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
+
+// Merge partial results over disjoint key shards (SPEC 6.1): check, then the CPU pass.
+void check_merge_params(const MergeParams& params);
+void merge_forward(const MergeParams& params);
 
 // S2Attention passes (CPU): check the parameters, then pass 1 (shifted branch sums) or
 // pass 2 (softmax over branches and the weighted combine).

@@ -12,6 +12,7 @@ from ._attention import attention, build_info, cuda_available
 from ._scores import Additive, Concat, General
 from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from .s2 import S2Attention
+from .serving import merge
 
 __version__: str = _core.build_info()["version"]
 
@@ -27,4 +28,5 @@ __all__ = [
     "attention",
     "build_info",
     "cuda_available",
+    "merge",
 ]
