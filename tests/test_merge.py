@@ -6,13 +6,12 @@ rank, with empty parts, all-empty rows, NaN parts and bad inputs.
 
 from __future__ import annotations
 
-import ml_dtypes
 import mha_ext
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import assert_out_close, attention_ref, random_inputs
 
 DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
@@ -21,7 +20,7 @@ DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 def shard(k, v, bounds, layout):
     """k, v split along the key axis at bounds (a list of (start, stop))."""
     axis = k.ndim - 2 if layout == "bhld" else k.ndim - 3
-    take = lambda a, s: np.take(a, np.arange(s[0], s[1]), axis=axis)  # noqa: E731
+    take = lambda a, s: np.take(a, np.arange(s[0], s[1]), axis=axis)
     return [(take(k, s), take(v, s)) for s in bounds]
 
 
@@ -67,7 +66,8 @@ def test_lower_ranks(rng, rank):
     ref_out, _, ref_lse = attention_ref(q, k, v)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert out.shape == ref_out.shape
+    assert lse.shape == ref_lse.shape
 
 
 def test_masked_parts_and_causal_shards(rng):
@@ -114,10 +114,12 @@ def test_nan_lse_poisons_only_its_row(rng):
     l2 = l.copy()
     l2[0, 1, 2] = np.nan
     out, lse = mha_ext.merge([o, o], [l, l2])
-    assert np.isnan(out[0, 1, 2]).all() and np.isnan(lse[0, 1, 2])
+    assert np.isnan(out[0, 1, 2]).all()
+    assert np.isnan(lse[0, 1, 2])
     finite = np.ones((1, 2, 3), bool)
     finite[0, 1, 2] = False
-    assert np.isfinite(out[finite]).all() and np.isfinite(lse[finite]).all()
+    assert np.isfinite(out[finite]).all()
+    assert np.isfinite(lse[finite]).all()
 
 
 def test_strided_and_float64_lse_inputs(rng):
