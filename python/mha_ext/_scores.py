@@ -6,12 +6,17 @@ They only hold their weights; the native kernel computes the scores tile by tile
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["Additive", "Concat", "General"]
 
 
-def _as_float_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
+def _as_float_array(x: ArrayLike, name: str) -> np.ndarray:
+    # The array rule of mha_ext.attention (DLPack / __array__ / nested sequences; no masked
+    # arrays, no tensors that require grad). Imported here: _attention imports this module.
+    from ._attention import _array_like
+
+    a = _array_like(x, name)
     if a.dtype.kind not in "fiu" and a.dtype.name != "bfloat16":
         raise TypeError(f"{name}: expected a real floating-point array, got dtype {a.dtype}")
     return a
