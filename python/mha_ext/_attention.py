@@ -23,7 +23,7 @@ The result is always NumPy (``torch.from_numpy(out)`` shares it back without a c
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Literal, Optional, Protocol, Union, overload
+from typing import Any, Literal, Protocol, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -47,9 +47,7 @@ class SupportsDLPack(Protocol):
 #: q, k, v: an array that has a dtype of its own (NumPy, or a DLPack / ``__array__`` object).
 Array = Union[np.ndarray, SupportsArray, SupportsDLPack]
 #: The score function: a name or a parametrised score object.
-Score = Union[None, Literal["scaled_dot", "dot"], General, Additive, Concat]
-#: The causal alignment.
-Causal = Union[bool, Literal["bottom_right", "top_left"]]
+Score = Union[None, str, General, Additive, Concat]
 
 __all__ = ["attention", "build_info", "cuda_available"]
 
@@ -227,15 +225,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: Literal[False] = False,
     return_lse: Literal[False] = False,
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray: ...
@@ -249,15 +247,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: Literal[True],
     return_lse: Literal[False] = False,
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]: ...
@@ -271,15 +269,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: Literal[False] = False,
     return_lse: Literal[True],
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]: ...
@@ -293,15 +291,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: Literal[True],
     return_lse: Literal[True],
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -315,15 +313,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: bool = False,
     return_lse: bool = False,
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> Union[np.ndarray, tuple[np.ndarray, ...]]: ...
@@ -336,15 +334,15 @@ def attention(
     *,
     mask: ArrayLike | None = None,
     bias: ArrayLike | None = None,
-    causal: Causal = False,
+    causal: bool | str = False,
     window: tuple[int | None, int | None] | None = None,
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
     return_weights: bool = False,
     return_lse: bool = False,
-    layout: Literal["bhld", "blhd"] = "bhld",
-    device: Literal["cpu", "cuda", "auto"] = "cpu",
+    layout: str = "bhld",
+    device: str = "cpu",
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -500,9 +498,9 @@ def attention(
     )
 
 
-def _split_concat(q, W):
+def _split_concat(q: Any, W: Any) -> tuple[np.ndarray, np.ndarray]:
     """Concat's W (D + Dk, A) as the additive pair (W[:D], W[D:])."""
-    shape = np.shape(q) if q is not None else ()
+    shape: tuple[int, ...] = np.shape(q) if q is not None else ()
     if len(shape) < 2:
         raise ValueError(f"q: expected 2, 3 or 4 dimensions, got shape {shape}")
     d = shape[-1]
