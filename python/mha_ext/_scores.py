@@ -1,4 +1,4 @@
-"""The parametrised score functions (SPEC section 3): General, Additive, Concat.
+"""The parametrised score functions: General, Additive, Concat.
 
 They only hold their weights; the native kernel computes the scores tile by tile.
 """

@@ -1,4 +1,4 @@
-"""The classic attention layers on top of ``mha_ext.attention`` (SPEC section 5).
+"""The classic attention layers on top of ``mha_ext.attention``.
 
 ``MultiHeadAttention``, ``TransformerEncoderLayer`` and ``TransformerDecoderLayer``: the layers
 that the tutorials build by hand, for inference on batch-first NumPy arrays. The projections
