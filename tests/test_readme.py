@@ -104,6 +104,26 @@ def test_docstring_examples(module):
     assert res.attempted > 0 and res.failed == 0
 
 
+def test_main_job_reports_skipped_devices_and_aligns_its_table(tmp_path):
+    import mha_ext
+
+    res = subprocess.run(
+        [sys.executable, "-m", "mha_ext"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    if not mha_ext.cuda_available():
+        assert any(line.startswith("  cuda  skipped: ") for line in lines), res.stdout
+    table = lines[lines.index("timing (median of 7, ms; same process, same threads)") + 1 :]
+    header, rows = table[0], table[1:]
+    assert rows and all(len(r) == len(header) for r in rows), res.stdout
+    for row in rows:  # the numbers end where their column headers end
+        for name in ("mha_ext", "numpy", "speedup"):
+            end = header.index(name) + len(name)
+            assert row[end - 1] != " " and (end == len(row) or row[end] == " "), row
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--extract":
         out = Path(sys.argv[2])
