@@ -1,9 +1,15 @@
-"""python -m mha_ext: print the build, check a masked attention on every device, time it."""
+"""python -m mha_ext: print the build, check a masked attention on each device, time it.
+
+Every device that is not checked is listed with the reason (no CUDA backend in this build, or
+no GPU visible). Each step prints its name before it runs, so a slow machine shows progress.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
+from typing import Callable
 
 import numpy as np
 
@@ -31,7 +37,7 @@ def _numpy_attention(q, k, v, mask, scale):
     return s @ v
 
 
-def _median_ms(fn, repeat=7):
+def _median_ms(fn: Callable[[], object], repeat: int = 7) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -61,26 +67,40 @@ def main() -> int:
     scale = 1.0 / np.sqrt(D)
     ref = _reference(q, k, v, full_mask, scale)
 
-    devices = ["cpu"] + (["cuda"] if info["cuda_available"] else [])
+    devices = ["cpu"]
+    if info["cuda_available"]:
+        devices.append("cuda")
+    elif info["cuda_built"]:
+        skipped = "CUDA backend built, but no GPU or driver is visible (cuda_available() is False)"
+    else:
+        skipped = ("this build has no CUDA backend (no nvcc at build time, or MHA_EXT_CUDA=OFF; "
+                   "rebuild with nvcc on the PATH to add it)")
     ok = True
     print(f"\nmasked causal attention, q/k/v {q.shape} float32, padding mask + causal")
     for device in devices:
+        print(f"  {device:5s} ", end="", flush=True)
         out = mha_ext.attention(q, k, v, mask=mask, causal="top_left", device=device)
         err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
         good = err < 1e-5
         ok &= good
-        print(f"  {device:5s} max relative error vs float64 reference: {err:.2e} "
+        print(f"max relative error vs float64 reference: {err:.2e} "
               f"{'OK' if good else 'FAILED'}")
+    if "cuda" not in devices:
+        print(f"  cuda  skipped: {skipped}")
 
     print("\ntiming (median of 7, ms; same process, same threads)")
-    print(f"  {'shape':>22s} {'mha_ext':>9s} {'numpy':>9s} {'speedup':>8s}")
-    for L2 in (256, 1024):
-        q2, k2, v2 = (rng.standard_normal((1, 8, L2, 64), dtype=np.float32) for _ in range(3))
-        m2 = np.tril(np.ones((L2, L2), dtype=bool))
+    rows = [((1, 8, L2, 64), f"{(1, 8, L2, 64)} causal") for L2 in (256, 1024)]
+    w = max(len("shape"), *(len(label) for _, label in rows))
+    print(f"  {'shape':<{w}s} {'mha_ext':>9s} {'numpy':>9s} {'speedup':>8s}")
+    for shape, label in rows:
+        # the label first, so a slow step shows what it is busy with
+        print(f"  {label:<{w}s} ", end="", flush=True)
+        q2, k2, v2 = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+        m2 = np.tril(np.ones(shape[2:3] * 2, dtype=bool))
         mha_ext.attention(q2, k2, v2, causal=True)
-        t_ext = _median_ms(lambda q2=q2, k2=k2, v2=v2: mha_ext.attention(q2, k2, v2, causal=True))
-        t_np = _median_ms(lambda q2=q2, k2=k2, v2=v2, m2=m2: _numpy_attention(q2, k2, v2, m2, 0.125))
-        print(f"  {str(q2.shape) + ' causal':>22s} {t_ext:9.2f} {t_np:9.2f} {t_np / t_ext:7.1f}x")
+        t_ext = _median_ms(partial(mha_ext.attention, q2, k2, v2, causal=True))
+        t_np = _median_ms(partial(_numpy_attention, q2, k2, v2, m2, 0.125))
+        print(f"{t_ext:9.2f} {t_np:9.2f} {t_np / t_ext:7.1f}x")
     return 0 if ok else 1
 
 

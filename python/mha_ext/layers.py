@@ -1,4 +1,4 @@
-"""The classic attention layers on top of ``mha_ext.attention`` (SPEC section 5).
+"""The classic attention layers on top of ``mha_ext.attention``.
 
 ``MultiHeadAttention``, ``TransformerEncoderLayer`` and ``TransformerDecoderLayer``: the layers
 that the tutorials build by hand, for inference on batch-first NumPy arrays. The projections
@@ -27,9 +27,11 @@ Conventions shared by every layer here:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._attention import attention
 from ._nn import (
@@ -63,13 +65,35 @@ __all__ = ["MultiHeadAttention", "TransformerDecoderLayer", "TransformerEncoderL
 class MultiHeadAttention:
     """Multi-head attention: project, split heads, attend (native core), concat, project.
 
-    ``MultiHeadAttention(embed_dim, num_heads, *, kdim=None, vdim=None, num_kv_heads=None,
-    bias=True, score=None, dtype=np.float32, seed=None)``
+    Parameters
+    ----------
+    embed_dim : int
+        ``E``, the model width; a multiple of ``num_heads``.
+    num_heads : int
+        ``H``, the query heads; each has ``hd = E // H`` features.
+    kdim, vdim : int, optional
+        Feature sizes of ``key`` and ``value`` (default ``embed_dim``).
+    num_kv_heads : int, optional
+        ``Hk``, the key/value heads (default ``H``); ``H % Hk == 0``: grouped-query
+        attention, ``Hk = 1`` is multi-query.
+    bias : bool, default True
+        Whether the four projections have biases.
+    score : {None, "scaled_dot", "dot"} or General or Additive or Concat, optional
+        The score function, sized for one head (``D = Dk = hd``), shared by all heads and
+        forwarded to :func:`mha_ext.attention`.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        The dtype of the weights and of the computation; inputs are converted to it.
+    seed : int or numpy.random.Generator, optional
+        Seeds the initial weights (None: fresh OS entropy).
 
-    With ``E = embed_dim``, ``H = num_heads``, ``Hk = num_kv_heads`` (default ``H``;
-    ``H % Hk == 0``: grouped-query attention, ``Hk = 1`` is multi-query) and
-    ``hd = E // H`` (``E % H == 0``), the weights are NumPy attributes applied as
-    ``x @ w + b``:
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument; the message names it.
+
+    Notes
+    -----
+    The weights are NumPy attributes applied as ``x @ w + b``:
 
     ======  ==============  ==================================================
     name    shape           role
@@ -85,28 +109,42 @@ class MultiHeadAttention:
     ``h // (H // Hk)``. The initial weights are Xavier-uniform per matrix, the biases zero
     (as ``torch.nn.MultiheadAttention`` does for its input projections).
 
-    ``score``: ``None``/``"scaled_dot"`` (``1/sqrt(hd)``), ``"dot"``, or a ``General`` /
-    ``Additive`` / ``Concat`` object sized for one head (``D = Dk = hd``), shared by all
-    heads. It is forwarded to ``mha_ext.attention``.
-
     ``load_torch(state_dict)`` copies a ``torch.nn.MultiheadAttention`` (its outputs are
     reproduced with ``batch_first=True``); ``load_keras(weights)`` copies a
     ``keras.layers.MultiHeadAttention``.
+
+    Examples
+    --------
+    >>> import numpy as np, mha_ext
+    >>> mha = mha_ext.MultiHeadAttention(64, 4, num_kv_heads=2, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 10, 64)).astype(np.float32)
+    >>> out, w = mha(x, causal=True, need_weights=True)
+    >>> out.shape, w.shape
+    ((2, 10, 64), (2, 10, 10))
     """
+
+    w_q: np.ndarray
+    w_k: np.ndarray
+    w_v: np.ndarray
+    w_o: np.ndarray
+    b_q: Optional[np.ndarray]
+    b_k: Optional[np.ndarray]
+    b_v: Optional[np.ndarray]
+    b_o: Optional[np.ndarray]
 
     def __init__(
         self,
-        embed_dim,
-        num_heads,
+        embed_dim: int,
+        num_heads: int,
         *,
-        kdim=None,
-        vdim=None,
-        num_kv_heads=None,
-        bias=True,
-        score=None,
-        dtype=np.float32,
-        seed=None,
-    ):
+        kdim: int | None = None,
+        vdim: int | None = None,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        score: Union[None, str, General, Additive, Concat] = None,
+        dtype: DTypeLike = np.float32,
+        seed: int | np.random.Generator | None = None,
+    ) -> None:
         self.embed_dim = _positive_int(embed_dim, "embed_dim")
         self.num_heads = _positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
@@ -169,11 +207,28 @@ class MultiHeadAttention:
 
     # --- weights ---------------------------------------------------------------------------
 
-    def load_torch(self, state_dict) -> MultiHeadAttention:
-        """Copy the weights of a ``torch.nn.MultiheadAttention``; returns ``self``.
+    def load_torch(self, state_dict: Mapping[str, Any] | Any) -> MultiHeadAttention:
+        """Copy the weights of a ``torch.nn.MultiheadAttention``.
 
-        ``state_dict`` is ``module.state_dict()`` (tensors or NumPy arrays; the module itself
-        is accepted too). The mapping (torch's ``nn.Linear`` weights are ``(out, in)``):
+        Parameters
+        ----------
+        state_dict : Mapping
+            ``module.state_dict()`` (tensors or NumPy arrays; the module itself is accepted
+            too).
+
+        Returns
+        -------
+        MultiHeadAttention
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            Unknown or missing keys, wrong shapes, or a module this layer does not match.
+
+        Notes
+        -----
+        The mapping (torch's ``nn.Linear`` weights are ``(out, in)``):
 
         - ``in_proj_weight (3E, E)`` → ``w_q, w_k, w_v = in_proj_weight[:E].T,
           [E:2E].T, [2E:].T``; when torch was built with ``kdim``/``vdim != embed_dim`` it
@@ -184,7 +239,7 @@ class MultiHeadAttention:
 
         The layer must match the module (``embed_dim``, ``kdim``, ``vdim``, ``bias``,
         ``num_kv_heads == num_heads``); ``add_bias_kv`` (``bias_k``/``bias_v``) is not
-        supported. Unknown or missing keys raise ``ValueError``.
+        supported.
 
         Then ``layer(q, k, v, mask=~attn_mask, key_padding_mask=~key_padding_mask)``
         reproduces ``module(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask)``
@@ -240,11 +295,27 @@ class MultiHeadAttention:
             self.b_q, self.b_k, self.b_v = (b[:e].copy(), b[e : 2 * e].copy(), b[2 * e :].copy())
             self.b_o = b_o
 
-    def load_keras(self, weights) -> MultiHeadAttention:
-        """Copy the weights of a ``keras.layers.MultiHeadAttention``; returns ``self``.
+    def load_keras(self, weights: Sequence[ArrayLike]) -> MultiHeadAttention:
+        """Copy the weights of a ``keras.layers.MultiHeadAttention``.
 
-        ``weights``: the list ``layer.get_weights()`` (or the variables' values as arrays /
-        tensors), in Keras' order ``[query/kernel (E, H, hd), query/bias (H, hd),
+        Parameters
+        ----------
+        weights : list of arrays
+            ``layer.get_weights()`` (or the variables' values as arrays / tensors).
+
+        Returns
+        -------
+        MultiHeadAttention
+            ``self``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Not a list of arrays, the wrong number of arrays, or a wrong shape.
+
+        Notes
+        -----
+        The arrays come in Keras' order ``[query/kernel (E, H, hd), query/bias (H, hd),
         key/kernel (kdim, H, hd), key/bias (H, hd), value/kernel (vdim, H, hd),
         value/bias (H, hd), attention_output/kernel (H, hd, E), attention_output/bias (E,)]``,
         the four biases absent when the Keras layer has ``use_bias=False``. The kernels are
@@ -307,39 +378,63 @@ class MultiHeadAttention:
 
     def __call__(
         self,
-        query,
-        key=None,
-        value=None,
+        query: ArrayLike,
+        key: ArrayLike | None = None,
+        value: ArrayLike | None = None,
         *,
-        mask=None,
-        key_padding_mask=None,
-        causal=False,
-        need_weights=False,
-        average_weights=True,
-        attn_bias=None,
-    ):
-        """Attend from ``query`` to ``key``/``value``; returns ``(out, weights or None)``.
+        mask: ArrayLike | None = None,
+        key_padding_mask: ArrayLike | None = None,
+        causal: bool | str = False,
+        need_weights: bool = False,
+        average_weights: bool = True,
+        attn_bias: ArrayLike | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Attend from ``query`` to ``key``/``value``.
 
-        - ``query (B, Lq, E)``, ``key (B, Lk, kdim)`` (default: ``query``), ``value
-          (B, Lk, vdim)`` (default: ``key``), batch first. Unbatched 2-D ``(L, E)`` inputs
-          give 2-D outputs (then masks broadcast to ``(H, Lq, Lk)`` and
-          ``key_padding_mask`` is ``(Lk,)``).
-        - ``mask``: bool, broadcastable to ``(B, H, Lq, Lk)`` (e.g. ``(Lq, Lk)``), **True =
-          may attend**. PyTorch's ``attn_mask`` is the opposite (True = hidden): pass
-          ``mask=~attn_mask``.
-        - ``key_padding_mask``: bool ``(B, Lk)``, **True = real token**. PyTorch's
-          ``key_padding_mask`` is the opposite (True = padding): pass ``~key_padding_mask``.
-          It is combined with ``mask`` as a ``(B, 1, 1, Lk)`` broadcast, never expanded to
-          ``Lq x Lk`` on its own.
-        - ``causal``: ``False``, ``True``/``"bottom_right"`` or ``"top_left"`` as in
-          ``mha_ext.attention`` (they agree when ``Lq == Lk``; PyTorch's ``is_causal`` is
-          ``"top_left"``). Relative to the full key length, padding included.
-        - ``need_weights``: also return the softmax weights: ``(B, Lq, Lk)`` averaged over
-          the heads when ``average_weights`` (PyTorch's ``average_attn_weights``), else
-          ``(B, H, Lq, Lk)``.
-        - ``attn_bias``: optional real array broadcastable to ``(B, H, Lq, Lk)`` added to
-          the scores: PyTorch's float ``attn_mask`` (0 / ``-inf`` or any additive values).
+        Parameters
+        ----------
+        query : array_like, shape (B, Lq, E)
+            Batch first. Unbatched 2-D ``(L, E)`` inputs give 2-D outputs (then masks
+            broadcast to ``(H, Lq, Lk)`` and ``key_padding_mask`` is ``(Lk,)``).
+        key : array_like, shape (B, Lk, kdim), optional
+            Default: ``query`` (self-attention).
+        value : array_like, shape (B, Lk, vdim), optional
+            Default: ``key``.
+        mask : array_like of bool, optional
+            Broadcastable to ``(B, H, Lq, Lk)`` (e.g. ``(Lq, Lk)``), **True = may attend**.
+            PyTorch's ``attn_mask`` is the opposite (True = hidden): pass
+            ``mask=~attn_mask``.
+        key_padding_mask : array_like of bool, shape (B, Lk), optional
+            **True = real token**. PyTorch's ``key_padding_mask`` is the opposite (True =
+            padding): pass ``~key_padding_mask``. It is combined with ``mask`` as a
+            ``(B, 1, 1, Lk)`` broadcast, never expanded to ``Lq x Lk`` on its own.
+        causal : {False, True, "bottom_right", "top_left"}, default False
+            As in :func:`mha_ext.attention` (they agree when ``Lq == Lk``; PyTorch's
+            ``is_causal`` is ``"top_left"``). Relative to the full key length, padding
+            included.
+        need_weights : bool, default False
+            Also return the softmax weights.
+        average_weights : bool, default True
+            Average the weights over the heads (PyTorch's ``average_attn_weights``).
+        attn_bias : array_like of float, optional
+            Broadcastable to ``(B, H, Lq, Lk)``, added to the scores: PyTorch's float
+            ``attn_mask`` (0 / ``-inf`` or any additive values).
 
+        Returns
+        -------
+        out : numpy.ndarray, shape (B, Lq, E)
+            In the layer's dtype.
+        weights : numpy.ndarray or None
+            ``(B, Lq, Lk)`` when averaged, else ``(B, H, Lq, Lk)``; None unless
+            ``need_weights``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            A bad argument; the message names it.
+
+        Notes
+        -----
         A query row that sees no key gives a zero attention output (before the output
         projection, so ``out = b_o`` there) and zero weights.
         """
@@ -473,9 +568,35 @@ class MultiHeadAttention:
 class TransformerEncoderLayer:
     """Self-attention and feed-forward blocks with residual Add & Norm (inference only).
 
-    ``TransformerEncoderLayer(d_model, nhead, dim_feedforward=2048, *, activation="relu",
-    norm_first=False, layer_norm_eps=1e-5, bias=True, dtype=np.float32, seed=None)``
+    Parameters
+    ----------
+    d_model : int
+        The model width; a multiple of ``nhead``.
+    nhead : int
+        Attention heads.
+    dim_feedforward : int, default 2048
+        Width of the feed-forward network.
+    activation : {"relu", "gelu"} or callable, default "relu"
+        ``"gelu"`` is the exact erf form (PyTorch's default); a callable takes and returns
+        NumPy arrays.
+    norm_first : bool, default False
+        Pre-norm instead of the original post-norm.
+    layer_norm_eps : float, default 1e-5
+        The LayerNorm epsilon.
+    bias : bool, default True
+        ``False`` removes every bias, the LayerNorm ones included (as in PyTorch).
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        The dtype of the weights and of the computation.
+    seed : int or numpy.random.Generator, optional
+        Seeds the initial weights (None: fresh OS entropy).
 
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument; the message names it.
+
+    Notes
+    -----
     - post-norm (``norm_first=False``, the original Transformer):
       ``x = norm1(x + self_attn(x)); x = norm2(x + ff(x))``;
     - pre-norm (``norm_first=True``): ``x = x + self_attn(norm1(x)); x = x + ff(norm2(x))``;
@@ -493,23 +614,32 @@ class TransformerEncoderLayer:
     eval mode): ``self_attn.*`` as in ``MultiHeadAttention.load_torch``, ``linear1.weight``
     → ``w_1 = linear1.weight.T``, ``linear2.weight`` → ``w_2`` likewise, ``norm1.weight``
     → ``norm1_weight``, etc.
+
+    Examples
+    --------
+    >>> import numpy as np, mha_ext
+    >>> enc = mha_ext.TransformerEncoderLayer(64, 4, 128, activation="gelu", seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 10, 64)).astype(np.float32)
+    >>> enc(x, key_padding_mask=np.arange(10) < np.array([[10], [6]])).shape
+    (2, 10, 64)
     """
 
-    _NORMS = ("norm1", "norm2")
+    _NORMS: tuple[str, ...] = ("norm1", "norm2")
+    self_attn: MultiHeadAttention
 
     def __init__(
         self,
-        d_model,
-        nhead,
-        dim_feedforward=2048,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
         *,
-        activation="relu",
-        norm_first=False,
-        layer_norm_eps=1e-5,
-        bias=True,
-        dtype=np.float32,
-        seed=None,
-    ):
+        activation: str | Callable[[np.ndarray], np.ndarray] = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
+        seed: int | np.random.Generator | None = None,
+    ) -> None:
         self._init_common(
             d_model,
             nhead,
@@ -558,7 +688,7 @@ class TransformerEncoderLayer:
             setattr(self, name + "_weight", np.ones(d, dt))
             setattr(self, name + "_bias", np.zeros(d, dt) if self.bias else None)
 
-    _ATTNS = ("self_attn",)
+    _ATTNS: tuple[str, ...] = ("self_attn",)
 
     def __repr__(self) -> str:
         return (
@@ -591,14 +721,42 @@ class TransformerEncoderLayer:
             )
         return a
 
-    def __call__(self, src, *, mask=None, key_padding_mask=None, causal=False) -> np.ndarray:
-        """Encode ``src (B, L, d_model)`` (or unbatched ``(L, d_model)``); returns the same shape.
+    def __call__(
+        self,
+        src: ArrayLike,
+        *,
+        mask: ArrayLike | None = None,
+        key_padding_mask: ArrayLike | None = None,
+        causal: bool | str = False,
+    ) -> np.ndarray:
+        """Encode ``src``.
 
-        ``mask``: bool broadcastable to ``(B, nhead, L, L)``, **True = may attend**;
-        ``key_padding_mask``: bool ``(B, L)``, **True = real token**; ``causal``: as in
-        ``MultiHeadAttention``. PyTorch's ``src_mask`` / ``src_key_padding_mask`` bool masks
-        mean the opposite (True = hidden / padding): pass ``~src_mask`` and
-        ``~src_key_padding_mask``; a 0/-inf float ``src_mask`` ``m`` is ``mask=(m == 0)``.
+        Parameters
+        ----------
+        src : array_like, shape (B, L, d_model)
+            Or unbatched ``(L, d_model)``.
+        mask : array_like of bool, optional
+            Broadcastable to ``(B, nhead, L, L)``, **True = may attend**.
+        key_padding_mask : array_like of bool, shape (B, L), optional
+            **True = real token**.
+        causal : {False, True, "bottom_right", "top_left"}, default False
+            As in :class:`MultiHeadAttention`.
+
+        Returns
+        -------
+        numpy.ndarray
+            The shape of ``src``, in the layer's dtype.
+
+        Raises
+        ------
+        TypeError, ValueError
+            A bad argument; the message names it.
+
+        Notes
+        -----
+        PyTorch's ``src_mask`` / ``src_key_padding_mask`` bool masks mean the opposite (True
+        = hidden / padding): pass ``~src_mask`` and ``~src_key_padding_mask``; a 0/-inf float
+        ``src_mask`` ``m`` is ``mask=(m == 0)``.
         """
         x = self._input(src, "src")
 
@@ -615,16 +773,33 @@ class TransformerEncoderLayer:
             x = self._norm(x + self._ff(x), "norm2")
         return x
 
-    def load_torch(self, state_dict):
+    def load_torch(self, state_dict: Mapping[str, Any] | Any) -> TransformerEncoderLayer:
         """Copy a ``torch.nn.TransformerEncoderLayer`` (or ``DecoderLayer``) state dict.
 
-        Keys (tensors or arrays): ``self_attn.*`` (and ``multihead_attn.*`` for the decoder),
+        Parameters
+        ----------
+        state_dict : Mapping
+            ``module.state_dict()`` (tensors or arrays; the module itself is accepted too).
+
+        Returns
+        -------
+        TransformerEncoderLayer
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            Unknown or missing keys, or wrong shapes.
+
+        Notes
+        -----
+        Keys: ``self_attn.*`` (and ``multihead_attn.*`` for the decoder),
         see ``MultiHeadAttention.load_torch``; ``linear1.weight (dff, d)`` → ``w_1`` (its
         transpose), ``linear1.bias`` → ``b_1``, ``linear2.weight (d, dff)`` → ``w_2``,
         ``linear2.bias`` → ``b_2``, ``normN.weight`` / ``normN.bias`` → ``normN_weight`` /
         ``normN_bias``. The layer must be built with the module's sizes, ``bias`` and
         ``layer_norm_eps``; activation and norm_first are not in a state dict: set them to
-        the module's. Returns ``self``.
+        the module's.
         """
         sd = _state_dict(state_dict)
         used: set = set()
@@ -657,9 +832,10 @@ class TransformerEncoderLayer:
 class TransformerDecoderLayer(TransformerEncoderLayer):
     """Masked self-attention, cross-attention on ``memory`` and feed-forward, each with Add & Norm.
 
-    ``TransformerDecoderLayer(d_model, nhead, dim_feedforward=2048, *, activation="relu",
-    norm_first=False, layer_norm_eps=1e-5, bias=True, dtype=np.float32, seed=None)``
+    Takes the arguments of :class:`TransformerEncoderLayer`.
 
+    Notes
+    -----
     - post-norm: ``x = norm1(x + self_attn(x)); x = norm2(x + multihead_attn(x, memory));
       x = norm3(x + ff(x))``;
     - pre-norm (``norm_first=True``): ``x = x + self_attn(norm1(x)); x = x +
@@ -673,27 +849,52 @@ class TransformerDecoderLayer(TransformerEncoderLayer):
 
     _NORMS = ("norm1", "norm2", "norm3")
     _ATTNS = ("self_attn", "multihead_attn")
+    multihead_attn: MultiHeadAttention
 
-    def __call__(
+    def __call__(  # type: ignore[override]  # (tgt, memory), not (src,)
         self,
-        tgt,
-        memory,
+        tgt: ArrayLike,
+        memory: ArrayLike,
         *,
-        tgt_mask=None,
-        memory_mask=None,
-        tgt_key_padding_mask=None,
-        memory_key_padding_mask=None,
-        tgt_causal=False,
+        tgt_mask: ArrayLike | None = None,
+        memory_mask: ArrayLike | None = None,
+        tgt_key_padding_mask: ArrayLike | None = None,
+        memory_key_padding_mask: ArrayLike | None = None,
+        tgt_causal: bool | str = False,
     ) -> np.ndarray:
-        """Decode ``tgt (B, Lt, d_model)`` against ``memory (B, Ls, d_model)``.
+        """Decode ``tgt`` against ``memory``.
 
-        ``tgt_mask`` (broadcastable to ``(B, nhead, Lt, Lt)``) and ``memory_mask``
-        (``(B, nhead, Lt, Ls)``): bool, **True = may attend**. ``tgt_key_padding_mask``
-        ``(B, Lt)`` and ``memory_key_padding_mask`` ``(B, Ls)``: bool, **True = real
-        token**. ``tgt_causal=True`` hides future target positions (PyTorch's
-        ``tgt_is_causal`` with ``generate_square_subsequent_mask``). PyTorch's bool masks mean
-        the opposite (True = hidden / padding): pass ``~tgt_mask``, ``~memory_key_padding_mask``
-        and so on. Unbatched 2-D inputs are accepted. Returns ``(B, Lt, d_model)``.
+        Parameters
+        ----------
+        tgt : array_like, shape (B, Lt, d_model)
+            The target sequence (unbatched 2-D ``(Lt, d_model)`` too).
+        memory : array_like, shape (B, Ls, d_model)
+            The encoder output; the same batch shape as ``tgt``.
+        tgt_mask : array_like of bool, optional
+            Broadcastable to ``(B, nhead, Lt, Lt)``, **True = may attend**.
+        memory_mask : array_like of bool, optional
+            Broadcastable to ``(B, nhead, Lt, Ls)``, **True = may attend**.
+        tgt_key_padding_mask : array_like of bool, shape (B, Lt), optional
+            **True = real token**.
+        memory_key_padding_mask : array_like of bool, shape (B, Ls), optional
+            **True = real token**.
+        tgt_causal : bool or str, default False
+            True hides future target positions (PyTorch's ``tgt_is_causal`` with
+            ``generate_square_subsequent_mask``).
+
+        Returns
+        -------
+        numpy.ndarray, shape (B, Lt, d_model)
+
+        Raises
+        ------
+        TypeError, ValueError
+            A bad argument; the message names it.
+
+        Notes
+        -----
+        PyTorch's bool masks mean the opposite (True = hidden / padding): pass
+        ``~tgt_mask``, ``~memory_key_padding_mask`` and so on.
         """
         x = self._input(tgt, "tgt")
         mem = self._input(memory, "memory")

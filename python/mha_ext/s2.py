@@ -11,8 +11,10 @@ writes its input.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import _core
 from ._nn import (
@@ -33,10 +35,25 @@ __all__ = ["S2Attention"]
 class S2Attention:
     """The S2-MLPv2 block: project to three branches, shift two, split attention, project.
 
-    ``S2Attention(channels, *, dtype=np.float32, seed=None)``, called on ``x`` of shape
-    ``(B, C, H, W)`` with ``C = channels``; returns a new C-contiguous ``(B, C, H, W)`` array of
-    the layer's dtype (``x`` is converted to it and never modified). With ``x`` read channels
-    last, ``X[b, i, j, :] = x[b, :, i, j]``:
+    Parameters
+    ----------
+    channels : int
+        ``C``, the channels of the ``(B, C, H, W)`` input.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        The dtype of the weights and of the computation.
+    seed : int or numpy.random.Generator, optional
+        Seeds the initial weights (None: fresh entropy).
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument; the message names it.
+
+    Notes
+    -----
+    Called on ``x`` of shape ``(B, C, H, W)`` with ``C = channels``, it returns a new
+    C-contiguous ``(B, C, H, W)`` array of the layer's dtype (``x`` is converted to it and
+    never modified). With ``x`` read channels last, ``X[b, i, j, :] = x[b, :, i, j]``:
 
     1. ``Y = X @ w1 + b1`` ``(B, H, W, 3C)``; branch ``k`` is ``Y[..., k*C:(k+1)*C]``.
     2. Branch 0 goes through shift1, branch 1 through shift2, branch 2 is unchanged. Each
@@ -81,9 +98,23 @@ class S2Attention:
 
     ``load_torch(state_dict)`` copies a module laid out like the reference (``mlp1``,
     ``mlp2``, ``split_attention.mlp1``, ``split_attention.mlp2``).
+
+    Examples
+    --------
+    >>> import numpy as np, mha_ext
+    >>> block = mha_ext.S2Attention(16, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 16, 5, 7)).astype(np.float32)
+    >>> block(x).shape
+    (2, 16, 5, 7)
     """
 
-    def __init__(self, channels, *, dtype=np.float32, seed=None):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        dtype: DTypeLike = np.float32,
+        seed: int | np.random.Generator | None = None,
+    ) -> None:
         self.channels = _positive_int(channels, "channels")
         self.dtype = _layer_dtype(dtype)
         rng = _rng(seed)
@@ -96,11 +127,28 @@ class S2Attention:
     def __repr__(self) -> str:
         return f"S2Attention({self.channels}, dtype={self.dtype.name})"
 
-    def load_torch(self, state_dict) -> S2Attention:
-        """Copy the weights of a PyTorch S2Attention module; returns ``self``.
+    def load_torch(self, state_dict: Mapping[str, Any] | Any) -> S2Attention:
+        """Copy the weights of a PyTorch S2Attention module.
 
-        ``state_dict`` is ``module.state_dict()`` (tensors or NumPy arrays; the module itself is
-        accepted too) with the reference layout (``nn.Linear`` weights are ``(out, in)``):
+        Parameters
+        ----------
+        state_dict : Mapping
+            ``module.state_dict()`` (tensors or NumPy arrays; the module itself is accepted
+            too) with the reference layout.
+
+        Returns
+        -------
+        S2Attention
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            Missing or unknown keys, or a wrong shape (the message names the key).
+
+        Notes
+        -----
+        The mapping (``nn.Linear`` weights are ``(out, in)``):
 
         - ``mlp1.weight (3C, C)``, ``mlp1.bias (3C,)`` → ``w1 = mlp1.weight.T``, ``b1``;
         - ``split_attention.mlp1.weight (C, C)`` → ``w_sa1`` (transposed);
@@ -109,7 +157,7 @@ class S2Attention:
 
         A module built by the tutorial code with its fixed ``SplitAttention`` width of 512 and
         ``channels != 512`` cannot run, and its split-attention weights have the wrong shape:
-        a ``ValueError`` names the key. Missing or unknown keys raise ``ValueError``.
+        a ``ValueError`` names the key.
         """
         sd = _state_dict(state_dict)
         used: set = set()
@@ -144,7 +192,24 @@ class S2Attention:
             out[name] = a
         return out
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: ArrayLike) -> np.ndarray:
+        """Apply the block to ``x``.
+
+        Parameters
+        ----------
+        x : array_like, shape (B, C, H, W)
+            ``C = channels``; converted to the layer's dtype, never modified.
+
+        Returns
+        -------
+        numpy.ndarray, shape (B, C, H, W)
+            A new C-contiguous array of the layer's dtype.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``x`` is not a real array of rank 4 with ``channels`` channels.
+        """
         x = _real(x, "x", self.dtype)
         if x.ndim != 4:
             raise ValueError(f"x: expected 4 dimensions (B, C, H, W), got shape {x.shape}")
