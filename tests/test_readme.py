@@ -97,8 +97,10 @@ def test_readme_refers_to_no_missing_document():
 
 
 @pytest.mark.parametrize("module", ["mha_ext._attention", "mha_ext._scores", "mha_ext.layers",
-                                    "mha_ext.s2"])
+                                    "mha_ext.s2", "mha_ext.serving", "mha_ext.dask"])
 def test_docstring_examples(module):
+    if module == "mha_ext.dask":
+        pytest.importorskip("dask")
     mod = importlib.import_module(module)
     res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 0 and res.failed == 0
