@@ -1,18 +1,29 @@
 // pybind11 module mha_ext._core: converts NumPy arrays into one AttentionParams, releases the
-// GIL, calls the dispatcher and returns new arrays. Shape and dtype checks live here (the
-// arrays are only visible here); value checks live in check_params(). No numerics.
+// GIL, calls the dispatcher and returns new arrays. Only what needs the Python objects is
+// checked here (types, dtypes, ranks, shapes the struct does not hold, broadcastability);
+// every value invariant lives in check_params() (params.h). No numerics.
+//
+// Layout: helpers (shapes, dtypes, strides) -> the argument table MHA_ATTENTION_ARGS ->
+// the fillers fill_qkv / fill_score / fill_masks / fill_out / fill_extras that every entry
+// point reuses -> attention() -> the fast-call entry point -> S2 -> the module.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "check.h"
 #include "dispatch.h"
 #include "params.h"
+#include "s2/s2.h"
 
 namespace py = pybind11;
 
@@ -41,9 +52,6 @@ unsigned long main_thread_ident() {
         py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     return ident;
 }
-
-// Score kinds as the Python layer passes them.
-enum ScoreArg : int { kScoreScaledDot = 0, kScoreDot = 1, kScoreGeneral = 2, kScoreAdditive = 3 };
 
 // "(2, 3)", "(5,)", "()": a shape as NumPy prints it.
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -124,18 +132,21 @@ int64_t elem_stride(const py::array& a, py::ssize_t axis, py::ssize_t item) {
 // (with two heap vectors for its shape); a tiny call used to build nine of them.
 py::array no_array() { return py::reinterpret_steal<py::array>(py::handle()); }
 
-// num_threads: None -> 0 (the OpenMP default), else an int in 1..4096 (bools refused).
-int parse_num_threads(const py::object& num_threads) {
+// num_threads: None -> 0 (the OpenMP default), an int -> itself (bools refused). The range is
+// check_params()'s; only an explicit 0 (which would read as the default) and values outside
+// the C int range are refused here, with the same wording.
+int parse_num_threads(const py::handle& num_threads) {
     if (num_threads.is_none()) return 0;
     MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
-                   num_threads.cast<bool>() ? "True" : "False");
+                   num_threads.ptr() == Py_True ? "True" : "False");
     int64_t n;
     try {
         n = num_threads.cast<int64_t>();
     } catch (const py::cast_error&) {
         throw type_error("num_threads: expected an int or None");
     }
-    MHA_CHECK(n >= 1 && n <= 4096, "num_threads: expected a positive thread count, got ", n);
+    MHA_CHECK(n != 0 && n >= INT_MIN && n <= INT_MAX, "num_threads: " MHA_NUM_THREADS_RULE
+              ", got ", n);
     return static_cast<int>(n);
 }
 
@@ -203,9 +214,14 @@ void broadcast_strides(const py::array& a, const char* name, const int64_t targe
         ok = n == target[t] || n == 1;
     }
     if (!ok) {
+        // A (B, Lk) padding mask (Keras, Hugging Face) lines up with (Lq, Lk) instead.
+        const bool padding = nd == 2 && a.shape(0) == target[0] && a.shape(1) == target[3];
         throw std::invalid_argument(detail::concat(
             name, ": shape ", shape_str(a), " is not broadcastable to (B, Hq, Lq, Lk) = ",
-            shape_str(std::vector<int64_t>(target, target + 4))));
+            shape_str(std::vector<int64_t>(target, target + 4)),
+            padding ? detail::concat("; for a (B, Lk) padding ", name, " pass ", name,
+                                     "[:, None, None, :]")
+                    : std::string()));
     }
     const py::ssize_t item = a.itemsize();
     for (int t = 0; t < 4; ++t) {
@@ -227,16 +243,102 @@ py::array as_accum(const py::handle& obj, bool dbl, const char* name) {
     return fast_path_view(r);
 }
 
-py::object attention(py::array q, py::array k, py::array v, py::object mask, py::object bias,
-                     int causal, int64_t window_left, int64_t window_right,
-                     py::object key_lengths, py::object scale, int score,
-                     py::object score_wq, py::object score_wk, py::object score_w,
-                     bool return_weights, bool return_lse, bool blhd, int device,
-                     py::object num_threads, py::object out, bool naive) {
-    AttentionParams p{};
-    p.naive = naive;
+// ------------------------------------------------------------------------------------------
+// The Python -> C++ protocol of _core.attention, written once. The fast-call entry point maps
+// positional and keyword arguments through this list; _core.ATTENTION_ARGS exports it;
+// mha_ext._attention passes them positionally in this order and checks that order against
+// ATTENTION_ARGS at import; _core.pyi lists them in this order (tests/test_native_params.py
+// checks it). Absent arguments take the defaults of AttentionArgs' readers. Append new
+// arguments at the end (they may then be passed by keyword).
+#define MHA_ATTENTION_ARGS(X)                                                                \
+    X(q) X(k) X(v) X(mask) X(bias) X(causal) X(window_left) X(window_right) X(key_lengths)  \
+    X(scale) X(score) X(score_wq) X(score_wk) X(score_w) X(return_weights) X(return_lse)    \
+    X(blhd) X(device) X(num_threads) X(out) X(naive)
 
-    // dtypes: one float dtype for q, k, v (byte-swapped arrays are converted first).
+enum ArgSlot : int {
+#define MHA_ARG_SLOT(name) kArg_##name,
+    MHA_ATTENTION_ARGS(MHA_ARG_SLOT)
+#undef MHA_ARG_SLOT
+    kNumArgs
+};
+
+constexpr const char* kArgNames[kNumArgs] = {
+#define MHA_ARG_NAME(name) #name,
+    MHA_ATTENTION_ARGS(MHA_ARG_NAME)
+#undef MHA_ARG_NAME
+};
+
+// Score kinds as the Python layer passes them (_core.Score): the kernel's Score plus the
+// default-scale rule (scaled dot: 1/sqrt(D), every other kind: 1).
+enum class ScoreKind : int { kScaledDot = 0, kDot = 1, kGeneral = 2, kAdditive = 3 };
+
+// The decoded arguments of one call (borrowed references into the caller's argument array).
+struct AttentionArgs {
+    PyObject* slot[kNumArgs] = {};  // nullptr: not passed
+
+    py::handle obj(ArgSlot s) const { return slot[s] != nullptr ? slot[s] : Py_None; }
+    bool given(ArgSlot s) const { return slot[s] != nullptr && slot[s] != Py_None; }
+
+    py::array array(ArgSlot s) const {
+        PyObject* o = slot[s];
+        if (o == nullptr) throw type_error(detail::concat(kArgNames[s], ": missing"));
+        if (py::isinstance<py::array>(o)) {  // skip NumPy's conversion machinery
+            return py::reinterpret_borrow<py::array>(o);
+        }
+        py::array a = py::array::ensure(o);
+        if (!a) {
+            PyErr_Clear();
+            throw type_error(detail::concat(kArgNames[s], ": expected a NumPy array, got ",
+                                            Py_TYPE(o)->tp_name));
+        }
+        return a;
+    }
+    // An enum code: out-of-range values become -1, which check_params() refuses.
+    int32_t code(ArgSlot s, int32_t fallback) const {
+        const long long x = integer(s, fallback);
+        return x >= INT32_MIN && x <= INT32_MAX ? static_cast<int32_t>(x) : -1;
+    }
+    long long integer(ArgSlot s, long long fallback) const {
+        if (slot[s] == nullptr) return fallback;
+        const long long x = PyLong_AsLongLong(slot[s]);
+        if (x == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            throw type_error(detail::concat(kArgNames[s], ": expected an int"));
+        }
+        return x;
+    }
+    bool flag(ArgSlot s) const { return slot[s] != nullptr && PyObject_IsTrue(slot[s]) == 1; }
+};
+
+// ------------------------------------------------------------------------------------------
+// Fillers: each fills one part of AttentionParams from Python objects, checking only what
+// needs them (types, dtypes, ranks, shapes that the struct does not hold, broadcastability).
+// Every value invariant is check_params()'s. A new entry point reuses these.
+
+// Arrays a call reads, kept alive (and converted where needed) until the kernel is done.
+struct Inputs {
+    py::array q = no_array(), k = no_array(), v = no_array();
+    py::array wq = no_array(), wk = no_array(), wv = no_array();
+    py::array mask = no_array(), bias = no_array();
+    py::array key_lengths = no_array();  // the caller's array (for the overlap check of out)
+    // key_lengths decide which memory the kernel reads: the kernel reads this private copy,
+    // made before check_params() looks at it, so another thread writing the caller's array
+    // while the GIL is released can't move the bounds after they were checked.
+    std::vector<int64_t> key_lengths_copy;
+};
+
+// The q/k/v geometry in the caller's rank and layout.
+struct QkvShape {
+    int rank = 4;
+    bool blhd = false;
+    Axes ax{};
+    Dims4 Q{}, K{}, V{};
+};
+
+// dtypes (one float dtype, native byte order), ranks, the shapes q/k/v must share, pointers
+// and strides.
+QkvShape fill_qkv(AttentionParams& p, Inputs& in, py::array q, py::array k, py::array v,
+                  bool blhd) {
     q = native_byte_order(q);
     k = native_byte_order(k);
     v = native_byte_order(v);
@@ -248,22 +350,26 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                    "bfloat16); got q ",
                    dtype_name(q), ", k ", dtype_name(k), ", v ", dtype_name(v));
     p.dtype = dq_type;
-    const bool dbl = dtype_accumulates_in_double(p.dtype);
 
-    // Ranks and shapes.
-    const int rank = static_cast<int>(q.ndim());
-    MHA_CHECK(rank >= 2 && rank <= 4, "q: expected 2, 3 or 4 dimensions (", blhd ? "(B, L, H, D)" : "(B, H, L, D)",
+    QkvShape s;
+    s.blhd = blhd;
+    s.rank = static_cast<int>(q.ndim());
+    const int rank = s.rank;
+    const char* lay = blhd ? "(B, L, H, D)" : "(B, H, L, D)";
+    MHA_CHECK(rank >= 2 && rank <= 4, "q: expected 2, 3 or 4 dimensions (", lay,
               " or fewer leading axes), got shape ", shape_str(q));
     MHA_CHECK(k.ndim() == rank, "k: expected ", rank, " dimensions like q ", shape_str(q),
-              ", got shape ", shape_str(k));
+              ", got shape ", shape_str(k), " (q, k and v must all have the same rank)");
     MHA_CHECK(v.ndim() == rank, "v: expected ", rank, " dimensions like q ", shape_str(q),
-              ", got shape ", shape_str(v));
-    q = fast_path_view(q);
-    k = fast_path_view(k);
-    v = fast_path_view(v);
-    const Axes ax = axes_of(rank, blhd);
-    const Dims4 Q = dims_of(q, ax), K = dims_of(k, ax), V = dims_of(v, ax);
-    const char* lay = blhd ? "(B, L, H, D)" : "(B, H, L, D)";
+              ", got shape ", shape_str(v), " (q, k and v must all have the same rank)");
+    in.q = fast_path_view(q);
+    in.k = fast_path_view(k);
+    in.v = fast_path_view(v);
+    s.ax = axes_of(rank, blhd);
+    s.Q = dims_of(in.q, s.ax);
+    s.K = dims_of(in.k, s.ax);
+    s.V = dims_of(in.v, s.ax);
+    const Dims4 &Q = s.Q, &K = s.K, &V = s.V;
     MHA_CHECK(K.b == Q.b && V.b == Q.b, "k, v: batch size must match q's (", Q.b,
               "); got k ", shape_str(k), ", v ", shape_str(v), " for q ", shape_str(q),
               " in layout ", lay);
@@ -271,12 +377,6 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
               shape_str(k), ", v ", shape_str(v), " in layout ", lay);
     MHA_CHECK(V.l == K.l, "v: sequence length (", V.l, ") must match k's (", K.l,
               "); got k ", shape_str(k), ", v ", shape_str(v), " in layout ", lay);
-    MHA_CHECK(K.h > 0 || Q.h == 0, "k: number of key/value heads must be at least 1; got k ",
-              shape_str(k), " in layout ", lay);
-    MHA_CHECK(K.h == 0 || Q.h % K.h == 0, "q, k: the number of query heads (", Q.h,
-              ") must be a multiple of the number of key/value heads (", K.h, "); got q ",
-              shape_str(q), ", k ", shape_str(k), " in layout ", lay);
-    MHA_CHECK(Q.d >= 1, "q: the head dimension D must be at least 1; got q ", shape_str(q));
 
     p.batch = Q.b;
     p.num_heads_q = Q.h;
@@ -286,84 +386,87 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     p.head_dim = Q.d;
     p.head_dim_k = K.d;
     p.head_dim_v = V.d;
-    p.q = q.data();
-    p.k = k.data();
-    p.v = v.data();
+    p.q = in.q.data();
+    p.k = in.k.data();
+    p.v = in.v.data();
     p.q_stride_batch = Q.sb, p.q_stride_head = Q.sh, p.q_stride_seq = Q.sl;
     p.k_stride_batch = K.sb, p.k_stride_head = K.sh, p.k_stride_seq = K.sl;
     p.v_stride_batch = V.sb, p.v_stride_head = V.sh, p.v_stride_seq = V.sl;
+    return s;
+}
 
-    // Score function and scale.
-    py::array wq = no_array(), wk = no_array(), wv = no_array();
-    switch (score) {
-        case kScoreScaledDot:
-        case kScoreDot:
+// The score function's parameters (as accum_t arrays) and the scale (None -> its default).
+void fill_score(AttentionParams& p, Inputs& in, const QkvShape& s, long long kind,
+                py::handle wq, py::handle wk, py::handle w, py::handle scale) {
+    const bool dbl = dtype_accumulates_in_double(p.dtype);
+    const int64_t D = s.Q.d, Dk = s.K.d;
+    switch (static_cast<ScoreKind>(kind)) {
+        case ScoreKind::kScaledDot:
+        case ScoreKind::kDot:
             p.score = Score::kDot;
-            MHA_CHECK(K.d == Q.d, "k: head dimension (", K.d, ") must equal q's (", Q.d,
-                      ") for a dot-product score; got q ", shape_str(q), ", k ", shape_str(k));
             break;
-        case kScoreGeneral:
+        case ScoreKind::kGeneral:
             p.score = Score::kGeneral;
-            wq = as_accum(score_wq, dbl, "General.W");
-            MHA_CHECK(wq.ndim() == 2 && wq.shape(0) == Q.d && wq.shape(1) == K.d,
-                      "General.W: expected shape (D, Dk) = (", Q.d, ", ", K.d, "), got ",
-                      shape_str(wq));
-            p.score_wq = wq.data();
+            in.wq = as_accum(wq, dbl, "General.W");
+            MHA_CHECK(in.wq.ndim() == 2 && in.wq.shape(0) == D && in.wq.shape(1) == Dk,
+                      "General.W: expected shape (D, Dk) = (", D, ", ", Dk, "), got ",
+                      shape_str(in.wq));
+            p.score_wq = in.wq.data();
             break;
-        case kScoreAdditive: {
+        case ScoreKind::kAdditive: {
             p.score = Score::kAdditive;
-            wq = as_accum(score_wq, dbl, "W_q");
-            wk = as_accum(score_wk, dbl, "W_k");
-            wv = as_accum(score_w, dbl, "w");
-            MHA_CHECK(wv.ndim() == 1 && wv.shape(0) >= 1,
-                      "w: expected a vector of shape (A,) with A >= 1, got ", shape_str(wv));
-            const int64_t na = wv.shape(0);
-            MHA_CHECK(wq.ndim() == 2 && wq.shape(0) == Q.d && wq.shape(1) == na,
-                      "W_q: expected shape (D, A) = (", Q.d, ", ", na, "), got ", shape_str(wq));
-            MHA_CHECK(wk.ndim() == 2 && wk.shape(0) == K.d && wk.shape(1) == na,
-                      "W_k: expected shape (Dk, A) = (", K.d, ", ", na, "), got ", shape_str(wk));
+            in.wq = as_accum(wq, dbl, "W_q");
+            in.wk = as_accum(wk, dbl, "W_k");
+            in.wv = as_accum(w, dbl, "w");
+            MHA_CHECK(in.wv.ndim() == 1, "w: expected a vector of shape (A,) with A >= 1, got ",
+                      shape_str(in.wv));
+            const int64_t na = in.wv.shape(0);
+            MHA_CHECK(in.wq.ndim() == 2 && in.wq.shape(0) == D && in.wq.shape(1) == na,
+                      "W_q: expected shape (D, A) = (", D, ", ", na, "), got ", shape_str(in.wq));
+            MHA_CHECK(in.wk.ndim() == 2 && in.wk.shape(0) == Dk && in.wk.shape(1) == na,
+                      "W_k: expected shape (Dk, A) = (", Dk, ", ", na, "), got ",
+                      shape_str(in.wk));
             p.score_dim = na;
-            p.score_wq = wq.data();
-            p.score_wk = wk.data();
-            p.score_w = wv.data();
+            p.score_wq = in.wq.data();
+            p.score_wk = in.wk.data();
+            p.score_w = in.wv.data();
             break;
         }
         default:
-            throw std::invalid_argument("score: unknown score function");
+            throw std::invalid_argument(detail::concat("score: unknown score kind ", kind));
     }
     if (scale.is_none()) {
-        p.scale = score == kScoreScaledDot ? 1.0 / std::sqrt(static_cast<double>(Q.d)) : 1.0;
+        p.scale = static_cast<ScoreKind>(kind) == ScoreKind::kScaledDot
+                      ? 1.0 / std::sqrt(static_cast<double>(D))
+                      : 1.0;
     } else {
-        double s;
         try {
-            s = scale.cast<double>();
+            p.scale = scale.cast<double>();
         } catch (const py::cast_error&) {
-            throw type_error(detail::concat("scale: expected a float or None, got ",
-                                            std::string(py::str(py::type::of(scale).attr("__name__")))));
+            throw type_error(detail::concat(
+                "scale: expected a float or None, got ",
+                std::string(py::str(py::type::of(scale).attr("__name__")))));
         }
-        MHA_CHECK(std::isfinite(s), "scale: must be finite, got ", s);
-        // Logits are accumulated in float32 for fp32/fp16/bf16 inputs: past 2^64 every
-        // non-tiny logit overflows to inf and rows turn to NaN. Refuse rather than guess.
-        MHA_CHECK(dbl || std::fabs(s) <= 1.8446744073709552e19, "scale: |", s,
-                  "| > 2^64 overflows the float32 logits of ", dtype_name(q),
-                  " inputs; use float64 inputs for such scales");
-        p.scale = s;
     }
+}
 
-    // Masks: bool mask and float bias broadcast through zero strides to (B, Hq, Lq, Lk).
-    const int64_t target[4] = {Q.b, Q.h, Q.l, K.l};
-    py::array mask_arr = no_array(), bias_arr = no_array(), kl_arr = no_array();
+// The bool mask and the float bias (broadcast through zero strides to (B, Hq, Lq, Lk)) and a
+// snapshot of key_lengths.
+void fill_masks(AttentionParams& p, Inputs& in, const QkvShape& s, py::handle mask,
+                py::handle bias, py::handle key_lengths) {
+    const bool dbl = dtype_accumulates_in_double(p.dtype);
+    const int64_t target[4] = {s.Q.b, s.Q.h, s.Q.l, s.K.l};
     if (!mask.is_none()) {
-        mask_arr = py::array::ensure(mask);
-        MHA_CHECK_TYPE(mask_arr && mask_arr.dtype().kind() == 'b',
+        in.mask = py::array::ensure(mask);
+        MHA_CHECK_TYPE(in.mask && in.mask.dtype().kind() == 'b',
                        "mask: expected a bool array (True = may attend), got dtype ",
-                       mask_arr ? dtype_name(mask_arr) : std::string("object"),
+                       in.mask ? dtype_name(in.mask) : std::string("object"),
                        ". For an additive float mask (0 / -inf) pass it as bias=...; for a 0/1 "
                        "mask where 1 means 'hidden' (the TensorFlow tutorial convention) pass "
                        "mask=(m == 0)");
         int64_t st[4];
-        broadcast_strides(mask_arr, "mask", target, st);
-        p.mask = static_cast<const uint8_t*>(mask_arr.data());
+        broadcast_strides(in.mask, "mask", target, st);
+        p.mask = static_cast<const uint8_t*>(in.mask.data());
         p.mask_stride_batch = st[0], p.mask_stride_head = st[1], p.mask_stride_q = st[2],
         p.mask_stride_k = st[3];
     }
@@ -376,10 +479,10 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                        raw && raw.dtype().kind() == 'b' ? " (use mask= for a bool mask)" : "");
         const bool same = raw.dtype().kind() == 'f' && raw.itemsize() == (dbl ? 8 : 4) &&
                           native_order(raw.dtype());
-        bias_arr = same ? fast_path_view(raw) : as_accum(raw, dbl, "bias");
+        in.bias = same ? fast_path_view(raw) : as_accum(raw, dbl, "bias");
         int64_t st[4];
-        broadcast_strides(bias_arr, "bias", target, st);
-        p.bias = bias_arr.data();
+        broadcast_strides(in.bias, "bias", target, st);
+        p.bias = in.bias.data();
         p.bias_stride_batch = st[0], p.bias_stride_head = st[1], p.bias_stride_q = st[2],
         p.bias_stride_k = st[3];
     }
@@ -388,43 +491,52 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
         MHA_CHECK_TYPE(raw && (raw.dtype().kind() == 'i' || raw.dtype().kind() == 'u'),
                        "key_lengths: expected an integer array of shape (B,), got dtype ",
                        raw ? dtype_name(raw) : std::string("object"));
-        MHA_CHECK(raw.ndim() == 1 && raw.shape(0) == Q.b,
-                  "key_lengths: expected shape (B,) = (", Q.b, ",), got ", shape_str(raw));
-        kl_arr = fast_path_view(
-            py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw));
-        // uint64 values above INT64_MAX would wrap: reject them as out of range.
+        MHA_CHECK(raw.ndim() == 1 && raw.shape(0) == s.Q.b,
+                  "key_lengths: expected shape (B,) = (", s.Q.b, ",), got ", shape_str(raw));
+        // uint64 values above INT64_MAX do not convert to int64 (they would wrap).
         if (raw.dtype().kind() == 'u' && raw.itemsize() == 8) {
-            const py::array_t<uint64_t> u = py::array_t<uint64_t, py::array::forcecast>::ensure(raw);
+            const py::array_t<uint64_t> u =
+                py::array_t<uint64_t, py::array::forcecast>::ensure(raw);
             for (py::ssize_t b = 0; b < u.shape(0); ++b) {
-                MHA_CHECK(u.at(b) <= static_cast<uint64_t>(K.l), "key_lengths: entry ", b, " is ",
-                          u.at(b), ", expected 0 <= key_lengths[b] <= Lk = ", K.l);
+                MHA_CHECK(u.at(b) <= static_cast<uint64_t>(INT64_MAX), "key_lengths: entry ", b,
+                          " is ", u.at(b), ", expected 0 <= key_lengths[b] <= Lk = ", s.K.l);
             }
         }
-        p.key_lengths = static_cast<const int64_t*>(kl_arr.data());
+        const py::array conv =
+            py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw);
+        const int64_t* src = static_cast<const int64_t*>(conv.data());
+        in.key_lengths_copy.assign(src, src + s.Q.b);
+        in.key_lengths = raw;
+        p.key_lengths = in.key_lengths_copy.data();
     }
+}
 
-    MHA_CHECK(causal >= 0 && causal <= 2, "causal: expected False, True, 'bottom_right' or 'top_left'");
-    p.causal = static_cast<Causal>(causal);
-    MHA_CHECK(window_left >= -1 && window_right >= -1,
-              "window: expected (left, right) with each >= 0, or -1/None for unbounded; got (",
-              window_left, ", ", window_right, ")");
-    p.window_left = window_left;
-    p.window_right = window_right;
-
-    MHA_CHECK(device == 0 || device == 1, "device: expected 'cpu', 'cuda' or 'auto'");
-    p.device = static_cast<Device>(device);
-    p.num_threads = parse_num_threads(num_threads);
-
-    // Outputs.
-    const std::vector<int64_t> out_shape = shape_of(rank, blhd, Q.b, Q.h, Q.l, V.d);
+// The output array: new, or the caller's `out` (checked: dtype, shape, layout, no overlap).
+py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::handle out) {
+    const std::vector<int64_t> out_shape =
+        shape_of(s.rank, s.blhd, s.Q.b, s.Q.h, s.Q.l, s.V.d);
     py::array result = no_array();
     if (out.is_none()) {
-        result = py::array(q.dtype(), out_shape);
+        result = py::array(in.q.dtype(), out_shape);
     } else {
         MHA_CHECK_TYPE(py::isinstance<py::array>(out), "out: expected a NumPy array or None");
         result = py::reinterpret_borrow<py::array>(out);
-        MHA_CHECK_TYPE(result.dtype().is(q.dtype()) || result.dtype().equal(q.dtype()),
-                       "out: expected dtype ", dtype_name(q), ", got ", dtype_name(result));
+        const py::dtype want = in.q.dtype();
+        const py::dtype got = result.dtype();
+        if (!(got.is(want) || got.equal(want))) {
+            // Same type in the other byte order: say so (both are named "float32").
+            const bool swapped = got.kind() == want.kind() && got.itemsize() == want.itemsize() &&
+                                 !native_order(got);
+            if (swapped) {
+                throw type_error(detail::concat(
+                    "out: expected dtype ", dtype_name(in.q), " in native byte order, got a "
+                    "byte-swapped ", dtype_name(result), " ('", std::string(py::str(got.attr("str"))),
+                    "'); the kernel writes native-order values, so pass e.g. np.empty(shape, "
+                    "np.", dtype_name(in.q), ")"));
+            }
+            throw type_error(detail::concat("out: expected dtype ", dtype_name(in.q), ", got ",
+                                            dtype_name(result)));
+        }
         bool shape_ok = result.ndim() == static_cast<py::ssize_t>(out_shape.size());
         for (size_t i = 0; shape_ok && i < out_shape.size(); ++i) {
             shape_ok = result.shape(i) == out_shape[i];
@@ -433,35 +545,42 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
                   shape_str(result));
         MHA_CHECK(result.flags() & py::array::c_style, "out: must be C-contiguous");
         MHA_CHECK(result.writeable(), "out: must be writeable");
-        MHA_CHECK(!overlaps(result, q) && !overlaps(result, k) && !overlaps(result, v),
+        MHA_CHECK(!overlaps(result, in.q) && !overlaps(result, in.k) && !overlaps(result, in.v),
                   "out: must not share memory with q, k or v");
-        for (const py::array* in : {&mask_arr, &bias_arr, &kl_arr, &wq, &wk, &wv}) {
-            MHA_CHECK(!*in || !overlaps(result, *in),
+        for (const py::array* a : {&in.mask, &in.bias, &in.key_lengths, &in.wq, &in.wk, &in.wv}) {
+            MHA_CHECK(!*a || !overlaps(result, *a),
                       "out: must not share memory with mask, bias, key_lengths or score weights");
         }
     }
-    const Dims4 O = dims_of(result, ax);
+    const Dims4 O = dims_of(result, s.ax);
     p.out = result.mutable_data();
+    // Size-1 axes get stride 0: with one row per axis it is never used.
     p.out_stride_batch = O.sb, p.out_stride_head = O.sh, p.out_stride_seq = O.sl;
-    // Size-1 axes got stride 0 above; with one row per axis it is never used.
+    return result;
+}
 
-    // weights (B, Hq, Lq, Lk) and lse (B, Hq, Lq), dropping the leading axes the inputs lack.
-    py::array weights = no_array(), lse = no_array();
-    if (return_weights || return_lse) {
-        const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
-        const std::vector<int64_t> full = {Q.b, Q.h, Q.l, K.l};
-        if (return_weights) {
-            weights = py::array(acc_dtype, std::vector<int64_t>(full.begin() + (4 - rank), full.end()));
-            p.weights = weights.mutable_data();
-        }
-        if (return_lse) {
-            lse = py::array(acc_dtype,
-                            std::vector<int64_t>(full.begin() + (4 - rank), full.end() - 1));
-            p.lse = lse.mutable_data();
-        }
+// The optional weights (B, Hq, Lq, Lk) and lse (B, Hq, Lq), in accum_t, dropping the leading
+// axes the inputs lack.
+void fill_extras(AttentionParams& p, const QkvShape& s, bool return_weights, bool return_lse,
+                 py::array* weights, py::array* lse) {
+    if (!return_weights && !return_lse) return;
+    const py::dtype acc_dtype = dtype_accumulates_in_double(p.dtype) ? py::dtype::of<double>()
+                                                                     : py::dtype::of<float>();
+    const std::vector<int64_t> full = {s.Q.b, s.Q.h, s.Q.l, s.K.l};
+    const auto first = full.begin() + (4 - s.rank);
+    if (return_weights) {
+        *weights = py::array(acc_dtype, std::vector<int64_t>(first, full.end()));
+        p.weights = weights->mutable_data();
     }
+    if (return_lse) {
+        *lse = py::array(acc_dtype, std::vector<int64_t>(first, full.end() - 1));
+        p.lse = lse->mutable_data();
+    }
+}
 
-    // Ctrl-C polling, for calls long enough to notice it (> ~1 ms of work) from the main thread.
+// Runs the dispatcher with the GIL released, polling Ctrl-C on long calls from the main
+// thread (> ~1 ms of work). Python errors raised by a signal handler propagate.
+void run_released(AttentionParams& p) {
     InterruptPoll poll;
     const double work = 2.0 * static_cast<double>(p.batch) * p.num_heads_q * p.seqlen_q *
                         p.seqlen_k * (p.head_dim_k + p.head_dim_v);
@@ -482,6 +601,30 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
         if (PyErr_Occurred() != nullptr) throw py::error_already_set();
         throw std::runtime_error("attention: interrupted");
     }
+}
+
+py::object attention(const AttentionArgs& a) {
+    AttentionParams p{};
+    Inputs in;
+    const QkvShape s = fill_qkv(p, in, a.array(kArg_q), a.array(kArg_k), a.array(kArg_v),
+                                a.flag(kArg_blhd));
+    fill_score(p, in, s, a.integer(kArg_score, static_cast<long long>(ScoreKind::kScaledDot)),
+               a.obj(kArg_score_wq), a.obj(kArg_score_wk), a.obj(kArg_score_w),
+               a.obj(kArg_scale));
+    fill_masks(p, in, s, a.obj(kArg_mask), a.obj(kArg_bias), a.obj(kArg_key_lengths));
+    p.causal = static_cast<Causal>(a.code(kArg_causal, static_cast<int32_t>(Causal::kNone)));
+    p.window_left = a.integer(kArg_window_left, -1);
+    p.window_right = a.integer(kArg_window_right, -1);
+    p.device = static_cast<Device>(a.code(kArg_device, static_cast<int32_t>(Device::kCpu)));
+    p.num_threads = parse_num_threads(a.obj(kArg_num_threads));
+    p.naive = a.flag(kArg_naive);
+    py::array result = fill_out(p, in, s, a.obj(kArg_out));
+    const bool return_weights = a.flag(kArg_return_weights);
+    const bool return_lse = a.flag(kArg_return_lse);
+    py::array weights = no_array(), lse = no_array();
+    fill_extras(p, s, return_weights, return_lse, &weights, &lse);
+
+    run_released(p);  // check_params(), then the backend
 
     if (!return_weights && !return_lse) return std::move(result);
     py::tuple t(1 + (return_weights ? 1 : 0) + (return_lse ? 1 : 0));
@@ -492,7 +635,156 @@ py::object attention(py::array q, py::array k, py::array v, py::object mask, py:
     return std::move(t);
 }
 
-// S2Attention's two native passes (csrc/cpu/s2_cpu.h) on x (B, H, W, 3C), float32/float64:
+// attention() as a METH_FASTCALL | METH_KEYWORDS function: the arguments arrive as a C array,
+// so a tiny call skips pybind11's generic dispatcher (an argument vector and one caster per
+// argument, about a microsecond for 21 arguments). Keywords are matched against
+// MHA_ATTENTION_ARGS once per call site: CPython passes the same kwnames tuple (a constant of
+// the caller's code object) every time, so its slot map is cached. C++ exceptions are mapped
+// as pybind11 maps them.
+PyObject* g_arg_names[kNumArgs] = {};  // interned names of MHA_ATTENTION_ARGS
+
+struct KwnamesCache {
+    PyObject* kwnames = nullptr;  // a strong reference to the tuple the map belongs to
+    int8_t slot[kNumArgs] = {};
+};
+KwnamesCache g_kw_cache;  // guarded by the GIL
+
+int arg_slot(PyObject* name) {
+    for (int i = 0; i < kNumArgs; ++i) {
+        if (name == g_arg_names[i]) return i;
+    }
+    for (int i = 0; i < kNumArgs; ++i) {  // a name that is not interned
+        if (PyUnicode_Compare(name, g_arg_names[i]) == 0) return i;
+    }
+    if (PyErr_Occurred()) PyErr_Clear();
+    return -1;
+}
+
+const int8_t* kw_slots(PyObject* kwnames) {
+    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    if (kwnames == g_kw_cache.kwnames) return g_kw_cache.slot;
+    if (nkw > kNumArgs) throw type_error("_core.attention: too many keyword arguments");
+    int8_t slot[kNumArgs];
+    for (Py_ssize_t i = 0; i < nkw; ++i) {
+        PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+        const int s = arg_slot(name);
+        if (s < 0) {
+            throw type_error(detail::concat("_core.attention: unexpected keyword argument '",
+                                            std::string(py::str(name)), "'"));
+        }
+        slot[i] = static_cast<int8_t>(s);
+    }
+    Py_XDECREF(g_kw_cache.kwnames);
+    Py_INCREF(kwnames);
+    g_kw_cache.kwnames = kwnames;
+    std::memcpy(g_kw_cache.slot, slot, sizeof(slot));
+    return g_kw_cache.slot;
+}
+
+PyObject* attention_fastcall(PyObject*, PyObject* const* args, size_t nargsf,
+                             PyObject* kwnames) {
+    try {
+        const Py_ssize_t npos = PyVectorcall_NARGS(nargsf);
+        if (npos > kNumArgs) {
+            throw type_error(detail::concat("_core.attention: at most ", int(kNumArgs),
+                                            " arguments, got ", npos));
+        }
+        AttentionArgs a;
+        for (Py_ssize_t i = 0; i < npos; ++i) a.slot[i] = args[i];
+        if (kwnames != nullptr) {
+            const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+            const int8_t* slot = kw_slots(kwnames);
+            for (Py_ssize_t i = 0; i < nkw; ++i) {
+                if (a.slot[slot[i]] != nullptr) {
+                    throw type_error(detail::concat("_core.attention: argument '",
+                                                    kArgNames[slot[i]], "' given twice"));
+                }
+                a.slot[slot[i]] = args[npos + i];
+            }
+        }
+        return attention(a).release().ptr();
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (const type_error& e) {
+        PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const std::invalid_argument& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+        PyErr_NoMemory();
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+PyMethodDef attention_def = {
+    "attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fastcall)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "attention(q, k, v, *, <the names in _core.ATTENTION_ARGS>): the raw binding behind "
+    "mha_ext.attention. Arguments after q, k, v may be given by position (in ATTENTION_ARGS "
+    "order) or by keyword; absent ones take their defaults (None, False, codes 0, window -1)."};
+
+// A valid small AttentionParams with `overrides` (field name -> value) applied, run through
+// check_params(): lets tests show each invariant being enforced at the C++ level.
+void check_params_for_test(const py::dict& overrides) {
+    static float buffer[4096] = {};
+    AttentionParams p{};
+    p.batch = 2, p.num_heads_q = 4, p.num_heads_k = 2, p.seqlen_q = 3, p.seqlen_k = 5;
+    p.head_dim = p.head_dim_k = p.head_dim_v = 8;
+    p.q = p.k = p.v = buffer;
+    p.out = buffer;
+    std::vector<int64_t> key_lengths;
+    const struct {
+        const char* name;
+        int64_t AttentionParams::*field;
+    } sizes[] = {{"batch", &AttentionParams::batch},       {"num_heads_q", &AttentionParams::num_heads_q},
+                 {"num_heads_k", &AttentionParams::num_heads_k}, {"seqlen_q", &AttentionParams::seqlen_q},
+                 {"seqlen_k", &AttentionParams::seqlen_k},   {"head_dim", &AttentionParams::head_dim},
+                 {"head_dim_k", &AttentionParams::head_dim_k}, {"head_dim_v", &AttentionParams::head_dim_v},
+                 {"window_left", &AttentionParams::window_left},
+                 {"window_right", &AttentionParams::window_right},
+                 {"score_dim", &AttentionParams::score_dim}};
+    for (const auto& item : overrides) {
+        const std::string name = py::str(item.first);
+        const py::handle value = item.second;
+        bool done = false;
+        for (const auto& f : sizes) {
+            if (name == f.name) {
+                p.*(f.field) = value.cast<int64_t>();
+                done = true;
+            }
+        }
+        if (done) continue;
+        if (name == "dtype") {
+            p.dtype = static_cast<DType>(value.cast<int32_t>());
+        } else if (name == "causal") {
+            p.causal = static_cast<Causal>(value.cast<int32_t>());
+        } else if (name == "device") {
+            p.device = static_cast<Device>(value.cast<int32_t>());
+        } else if (name == "score") {
+            p.score = static_cast<Score>(value.cast<int32_t>());
+        } else if (name == "score_weights") {  // give (True) or drop (False) W_q, W_k, w
+            const bool on = value.cast<bool>();
+            p.score_wq = p.score_wk = p.score_w = on ? buffer : nullptr;
+        } else if (name == "scale") {
+            p.scale = value.cast<double>();
+        } else if (name == "num_threads") {
+            p.num_threads = value.cast<int>();
+        } else if (name == "key_lengths") {
+            key_lengths = value.cast<std::vector<int64_t>>();
+            p.key_lengths = key_lengths.data();
+        } else if (name == "q") {  // drop a pointer
+            p.q = nullptr;
+        } else if (name == "out") {
+            p.out = nullptr;
+        } else {
+            throw type_error("_check_params: unknown field '" + name + "'");
+        }
+    }
+    check_params(p);
+}
+
+// S2Attention's two native passes (csrc/s2/s2_cpu.h) on x (B, H, W, 3C), float32/float64:
 // logits None -> the branch/pixel sums (B, C); logits (B, 3C) -> the softmax-weighted
 // combination of the shifted branches (B, H, W, C). Both return a new array; x is only read.
 py::array s2_attention(py::array x, py::object logits, py::object num_threads) {
@@ -647,73 +939,6 @@ py::tuple merge(py::sequence outs, py::sequence lses, bool blhd, py::object num_
     return py::make_tuple(result, lse);
 }
 
-PyObject* attention_fastcall(PyObject*, PyObject* const* args, size_t nargsf,
-                             PyObject* kwnames) {
-    try {
-        const Py_ssize_t npos = PyVectorcall_NARGS(nargsf);
-        const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
-        // The only keyword is the last argument, naive=.
-        if (nkw > 1 || (nkw == 1 && (npos != kAttentionArgs - 1 ||
-                                     PyUnicode_CompareWithASCIIString(
-                                         PyTuple_GET_ITEM(kwnames, 0), "naive") != 0))) {
-            throw type_error("_core.attention: the only keyword argument is naive=");
-        }
-        const Py_ssize_t nargs = npos + nkw;
-        if (nargs != kAttentionArgs && nargs != kAttentionArgs - 1) {
-            throw type_error(detail::concat("_core.attention: expected ", kAttentionArgs - 1,
-                                            " or ", kAttentionArgs, " arguments, got ", nargs));
-        }
-        auto arr = [&](Py_ssize_t i, const char* name) {
-            if (py::isinstance<py::array>(args[i])) {  // skip NumPy's conversion machinery
-                return py::reinterpret_borrow<py::array>(args[i]);
-            }
-            py::array a = py::array::ensure(args[i]);
-            if (!a) {
-                PyErr_Clear();
-                throw type_error(detail::concat(name, ": expected a NumPy array, got ",
-                                                Py_TYPE(args[i])->tp_name));
-            }
-            return a;
-        };
-        auto obj = [&](Py_ssize_t i) { return py::reinterpret_borrow<py::object>(args[i]); };
-        auto integer = [&](Py_ssize_t i, const char* name) {
-            const long long x = PyLong_AsLongLong(args[i]);
-            if (x == -1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                throw type_error(detail::concat(name, ": expected an int"));
-            }
-            return x;
-        };
-        auto flag = [&](Py_ssize_t i) { return PyObject_IsTrue(args[i]) == 1; };
-        py::object result =
-            attention(arr(0, "q"), arr(1, "k"), arr(2, "v"), obj(3), obj(4),
-                      static_cast<int>(integer(5, "causal")), integer(6, "window"),
-                      integer(7, "window"), obj(8), obj(9), static_cast<int>(integer(10, "score")),
-                      obj(11), obj(12), obj(13), flag(14), flag(15), flag(16),
-                      static_cast<int>(integer(17, "device")), obj(18), obj(19),
-                      nargs == kAttentionArgs && flag(20));
-        return result.release().ptr();
-    } catch (py::error_already_set& e) {
-        e.restore();
-    } catch (const type_error& e) {
-        PyErr_SetString(PyExc_TypeError, e.what());
-    } catch (const std::invalid_argument& e) {
-        PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const std::bad_alloc&) {
-        PyErr_NoMemory();
-    } catch (const std::exception& e) {
-        PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-    return nullptr;
-}
-
-PyMethodDef attention_def = {
-    "attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fastcall)),
-    METH_FASTCALL | METH_KEYWORDS,
-    "attention(q, k, v, mask, bias, causal, window_left, window_right, key_lengths, scale, "
-    "score, score_wq, score_wk, score_w, return_weights, return_lse, blhd, device, "
-    "num_threads, out, naive=False): the raw binding behind mha_ext.attention."};
-
 }  // namespace
 }  // namespace mha
 
@@ -729,8 +954,38 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
+    // The codes of the Python -> C++ protocol, as IntEnums (int subclasses: reading one costs
+    // what reading an int does). The values are params.h's enums and the binding's ScoreKind.
+    const py::object int_enum = py::module_::import("enum").attr("IntEnum");
+    auto add_enum = [&](const char* name, std::initializer_list<std::pair<const char*, int>> items) {
+        py::list members;
+        for (const auto& it : items) members.append(py::make_tuple(it.first, it.second));
+        m.add_object(name, int_enum(name, members, py::arg("module") = "mha_ext._core"));
+    };
+    using mha::Causal;
+    using mha::Device;
+    using mha::ScoreKind;
+    add_enum("Causal", {{"NONE", static_cast<int>(Causal::kNone)},
+                        {"BOTTOM_RIGHT", static_cast<int>(Causal::kBottomRight)},
+                        {"TOP_LEFT", static_cast<int>(Causal::kTopLeft)}});
+    add_enum("Device", {{"CPU", static_cast<int>(Device::kCpu)},
+                        {"CUDA", static_cast<int>(Device::kCuda)}});
+    add_enum("Score", {{"SCALED_DOT", static_cast<int>(ScoreKind::kScaledDot)},
+                       {"DOT", static_cast<int>(ScoreKind::kDot)},
+                       {"GENERAL", static_cast<int>(ScoreKind::kGeneral)},
+                       {"ADDITIVE", static_cast<int>(ScoreKind::kAdditive)}});
+
+    py::list arg_names;
+    for (int i = 0; i < mha::kNumArgs; ++i) {
+        mha::g_arg_names[i] = PyUnicode_InternFromString(mha::kArgNames[i]);  // immortal here
+        arg_names.append(py::reinterpret_borrow<py::str>(mha::g_arg_names[i]));
+    }
+    m.attr("ATTENTION_ARGS") = py::tuple(arg_names);
     m.add_object("attention",
                  py::reinterpret_steal<py::object>(PyCFunction_New(&mha::attention_def, nullptr)));
+    m.attr("MAX_THREADS") = mha::kMaxThreads;
+    m.def("_check_params", &mha::check_params_for_test, py::arg("overrides"),
+          "Tests only: check_params() on a valid small AttentionParams with fields overridden.");
 
     m.def("s2_attention", &mha::s2_attention, py::arg("x"), py::arg("logits") = py::none(),
           py::arg("num_threads") = py::none(),
@@ -744,7 +999,9 @@ PYBIND11_MODULE(_core, m) {
         const mha::BuildInfo info = mha::build_info();
         py::dict d;
         d["version"] = MHA_EXT_VERSION;
-        d["simd"] = info.simd;
+        d["simd"] = info.simd.empty() ? py::object(py::none()) : py::object(py::str(info.simd));
+        if (!info.simd_error.empty()) d["simd_error"] = info.simd_error;
+        d["simd_supported"] = info.simd_supported;
         d["openmp"] = info.openmp;
         d["max_threads"] = info.max_threads;
         d["cuda_built"] = info.cuda_built;

@@ -9,7 +9,6 @@
 #include "check.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/merge_cpu.h"
-#include "cpu/s2_cpu.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
 #endif
@@ -21,49 +20,6 @@ namespace mha {
 
 void throw_interrupted() { throw interrupted(); }
 void throw_bad_alloc() { throw std::bad_alloc(); }
-
-void check_params(const AttentionParams& p) {
-    MHA_CHECK(p.batch >= 0 && p.num_heads_q >= 0 && p.num_heads_k >= 0 && p.seqlen_q >= 0 &&
-                  p.seqlen_k >= 0 && p.head_dim_v >= 0,
-              "attention: sizes must be non-negative");
-    MHA_CHECK(p.head_dim >= 1, "q: the head dimension D must be at least 1, got ", p.head_dim);
-    MHA_CHECK(p.head_dim_k >= 1, "k: the head dimension must be at least 1, got ", p.head_dim_k);
-    if (p.score == Score::kDot) {
-        MHA_CHECK(p.head_dim == p.head_dim_k, "k: head dimension ", p.head_dim_k,
-                  " must equal q's head dimension ", p.head_dim,
-                  " for a dot-product score (use mha_ext.General(W) for different sizes)");
-    }
-    MHA_CHECK(p.num_heads_k > 0 || p.num_heads_q == 0,
-              "k: number of key/value heads must be at least 1, got 0");
-    MHA_CHECK(p.num_heads_k == 0 || p.num_heads_q % p.num_heads_k == 0,
-              "q/k: the number of query heads (", p.num_heads_q,
-              ") must be a multiple of the number of key/value heads (", p.num_heads_k, ")");
-    MHA_CHECK(p.window_left >= -1 && p.window_right >= -1,
-              "window: (left, right) must each be >= 0, or -1/None for unbounded; got (",
-              p.window_left, ", ", p.window_right, ")");
-    MHA_CHECK(p.num_threads >= 0, "num_threads: must be positive, got ", p.num_threads);
-    if (p.score == Score::kGeneral) {
-        MHA_CHECK(p.score_wq != nullptr, "score: General needs its matrix W");
-    }
-    if (p.score == Score::kAdditive) {
-        MHA_CHECK(p.score_dim >= 1 && p.score_wq != nullptr && p.score_wk != nullptr &&
-                      p.score_w != nullptr,
-                  "score: the additive score needs W_q, W_k and w with at least one unit");
-    }
-    if (p.key_lengths != nullptr) {
-        for (int64_t b = 0; b < p.batch; ++b) {
-            const int64_t n = p.key_lengths[b];
-            MHA_CHECK(n >= 0 && n <= p.seqlen_k, "key_lengths: entry ", b, " is ", n,
-                      ", expected 0 <= key_lengths[b] <= Lk = ", p.seqlen_k);
-        }
-    }
-    const bool work = p.batch > 0 && p.num_heads_q > 0 && p.seqlen_q > 0;
-    if (work) {
-        MHA_CHECK(p.q != nullptr && p.out != nullptr, "attention: q and out must be given");
-        MHA_CHECK(p.seqlen_k == 0 || (p.k != nullptr && p.v != nullptr),
-                  "attention: k and v must be given");
-    }
-}
 
 void attention_forward(const AttentionParams& params) {
     check_params(params);
@@ -98,39 +54,10 @@ void attention_forward(const AttentionParams& params) {
     throw std::invalid_argument("device: unknown device");
 }
 
-void check_merge_params(const MergeParams& p) {
-    MHA_CHECK(p.num_parts >= 1, "merge: expected at least one part, got ", p.num_parts);
-    MHA_CHECK(p.batch >= 0 && p.num_heads >= 0 && p.seqlen >= 0 && p.head_dim >= 0,
-              "merge: sizes must be non-negative");
-    MHA_CHECK(p.lse_double == (p.dtype == DType::kFloat64),
-              "merge: lse must be float64 for float64 outputs and float32 otherwise");
-    MHA_CHECK(p.num_threads >= 0, "num_threads: must be positive, got ", p.num_threads);
-    const bool work = p.batch > 0 && p.num_heads > 0 && p.seqlen > 0;
-    if (work) {
-        MHA_CHECK(p.outs != nullptr && p.lses != nullptr && p.out_strides != nullptr &&
-                      p.lse_strides != nullptr && p.out != nullptr,
-                  "merge: the parts and the output must be given");
-        for (int64_t i = 0; i < p.num_parts; ++i) {
-            MHA_CHECK(p.lses[i] != nullptr && (p.head_dim == 0 || p.outs[i] != nullptr),
-                      "merge: part ", i, " has no data");
-        }
-    }
-}
-
 void merge_forward(const MergeParams& params) {
     check_merge_params(params);
     if (params.batch == 0 || params.num_heads == 0 || params.seqlen == 0) return;
     merge_cpu(params);
-}
-
-void s2_branch_sum(const S2Params& params) {
-    s2_check_params(params);
-    s2_branch_sum_cpu(params);
-}
-
-void s2_combine(const S2Params& params) {
-    s2_check_params(params);
-    s2_combine_cpu(params);
 }
 
 bool cuda_available() {
@@ -159,7 +86,10 @@ double cuda_last_copy_ms() {
 
 BuildInfo build_info() {
     BuildInfo info;
-    info.simd = attention_cpu_simd();
+    const CpuSimd& simd = attention_cpu_simd();
+    info.simd = simd.selected;
+    info.simd_error = simd.error;
+    info.simd_supported = simd.supported;
 #ifdef _OPENMP
     info.openmp = true;
     info.max_threads = omp_get_max_threads();

@@ -2,31 +2,27 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "merge_params.h"
 #include "params.h"
 
 namespace mha {
 
-// Throws std::invalid_argument for inconsistent parameters (sizes, strides, window, ...).
-void check_params(const AttentionParams& params);
-
-// check_params, then run on params.device. Throws std::runtime_error when that device is not
+// check_params (params.h), then run on params.device. Throws std::runtime_error when that device is not
 // available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
 
-// Merge partial results over disjoint key shards (SPEC 6.1): check, then the CPU pass.
-void check_merge_params(const MergeParams& params);
+// Merge partial results over disjoint key shards (SPEC 6.1): check_merge_params, then the
+// CPU pass.
 void merge_forward(const MergeParams& params);
-
-// S2Attention passes (CPU): check the parameters, then pass 1 (shifted branch sums) or
-// pass 2 (softmax over branches and the weighted combine).
-void s2_branch_sum(const S2Params& params);
-void s2_combine(const S2Params& params);
 
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {
-    std::string simd;           // SIMD path chosen at run time: "avx2+fma" or "generic"
+    std::string simd;           // CPU instruction-set path in use: "avx2" or "generic";
+                                // empty when MHA_EXT_SIMD names one that cannot run
+    std::string simd_error;     // why simd is empty
+    std::vector<std::string> simd_supported;  // paths this build has and this CPU runs
     bool openmp = false;        // built with OpenMP
     int max_threads = 1;        // OpenMP default thread count
     bool cuda_built = false;    // CUDA backend compiled in

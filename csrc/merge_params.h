@@ -20,7 +20,7 @@ namespace mha {
 
 struct MergeParams {
     DType dtype = DType::kFloat32;  // of every out_p and of out
-    bool lse_double = false;        // lse_p and lse are double (else float)
+    bool lse_double = false;        // lse_p and lse are double (float64 outputs), else float
 
     int64_t num_parts = 0;
     const void* const* outs = nullptr;  // num_parts pointers
@@ -37,5 +37,9 @@ struct MergeParams {
 
     int num_threads = 0;  // <= 0: OpenMP default
 };
+
+// Throws std::invalid_argument for inconsistent merge parameters (defined in params.cpp,
+// beside check_params); merge_forward() calls it before any work.
+void check_merge_params(const MergeParams& params);
 
 }  // namespace mha

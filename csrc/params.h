@@ -1,7 +1,8 @@
 // AttentionParams: the one plain struct that describes an attention call.
 //
-// Filled once by the binding (or a native benchmark), checked once by check_params(), then
-// passed by const reference to a backend. It holds no STL, pybind11 or CUDA types, so every
+// Filled once by the binding (or a native benchmark), checked once by check_params() (every
+// value invariant lives there, with one wording), then passed by const reference to a backend.
+// A new entry point (backward, varlen, paged) adds a struct that extends this one. It holds no STL, pybind11 or CUDA types, so every
 // backend (C++/OpenMP, CUDA) and every tool can include it.
 //
 // Index order. Every tensor is addressed through element strides (int64, may be 0 for
@@ -22,6 +23,9 @@
 #include <cstdint>
 
 namespace mha {
+
+// The enum values below are exported to Python by the binding (_core.Causal, _core.Device)
+// and are part of the native ABI between _core and the Python layer: append, never renumber.
 
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -93,7 +97,7 @@ struct AttentionParams {
     void* weights = nullptr;
     void* lse = nullptr;
 
-    int num_threads = 0;  // <= 0: OpenMP default (honours OMP_NUM_THREADS)
+    int num_threads = 0;  // 0: OpenMP default (honours OMP_NUM_THREADS); else 1..kMaxThreads
 
     // Run the naive one-row-at-a-time CPU kernel instead (a cross-check for tests).
     bool naive = false;
@@ -103,6 +107,21 @@ struct AttentionParams {
     int (*interrupt_check)(void* ctx) = nullptr;
     void* interrupt_ctx = nullptr;
 };
+
+// The largest num_threads accepted, and the rule as every error message states it.
+constexpr int kMaxThreads = 4096;
+#define MHA_NUM_THREADS_RULE "expected None (the OpenMP default) or a thread count from 1 to 4096"
+
+// Throws std::invalid_argument (ValueError in Python) for a value that breaks an invariant of
+// the struct: negative sizes, D < 1, D != Dk for the dot score, Hk = 0, Hq % Hk, an enum out
+// of range, a window below -1, a non-finite scale (or one that overflows float32 logits),
+// num_threads outside 0..kMaxThreads, key_lengths outside [0, Lk], missing score parameters
+// or pointers. Defined in params.cpp; every native caller (binding, benchmarks) goes through
+// it via attention_forward().
+void check_params(const AttentionParams& params);
+
+// NumPy's name of a dtype ("float32", "bfloat16", ...), for messages.
+const char* dtype_name(DType dtype);
 
 // Size in bytes of one element of a dtype.
 inline int64_t dtype_size(DType dtype) {
@@ -118,25 +137,5 @@ inline int64_t dtype_size(DType dtype) {
 
 // True when the dtype accumulates in double (only float64).
 inline bool dtype_accumulates_in_double(DType dtype) { return dtype == DType::kFloat64; }
-
-// S2Attention's two native passes (the S2-MLPv2 spatial shifts and split attention); the
-// index order of x, sums, logits and out is documented in cpu/s2_cpu.h.
-struct S2Params {
-    DType dtype = DType::kFloat32;  // of x, sums, logits and out: float32 or float64
-
-    const void* x = nullptr;
-    const void* logits = nullptr;  // pass 2 only
-    void* sums = nullptr;          // pass 1 only
-    void* out = nullptr;           // pass 2 only
-
-    int64_t batch = 0;
-    int64_t height = 0;
-    int64_t width = 0;
-    int64_t channels = 0;  // C: per branch; x has 3*C channels
-
-    int64_t x_stride_batch = 0, x_stride_h = 0, x_stride_w = 0;
-
-    int num_threads = 0;  // <= 0: OpenMP default (honours OMP_NUM_THREADS)
-};
 
 }  // namespace mha

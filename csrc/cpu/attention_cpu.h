@@ -1,28 +1,30 @@
-// CPU backend: blocked (flash) attention with OpenMP, and the naive reference kernel.
+// CPU backend: blocked (flash) attention with OpenMP, and the naive reference kernel, on the
+// instruction set chosen by the table in attention_cpu.cpp.
 #pragma once
+
+#include <string>
+#include <vector>
 
 #include "params.h"
 
 namespace mha {
 
-// Blocked kernel on the best instruction set this CPU has (see attention_cpu_simd()).
+// Blocked kernel on the chosen instruction set (see attention_cpu_simd()). Throws
+// std::runtime_error when MHA_EXT_SIMD names a path this build or CPU cannot run.
 void attention_forward_cpu(const AttentionParams& params);
 
-// One row at a time, the textbook formula: documents the math, cross-checks the blocked kernel.
+// One row at a time, the textbook formula: documents the math, cross-checks the blocked
+// kernel. Always the portable (generic) build, so every path is checked against one reference.
 void attention_forward_cpu_naive(const AttentionParams& params);
 
-// "avx2+fma" or "generic": the path attention_forward_cpu takes on this machine. The
-// environment variable MHA_EXT_SIMD=generic forces the portable path.
-const char* attention_cpu_simd();
-
-// One copy of the kernels per instruction set (attention_cpu_impl.inc).
-namespace cpu_generic {
-void attention_forward(const AttentionParams& params);
-void attention_forward_naive(const AttentionParams& params);
-}  // namespace cpu_generic
-namespace cpu_avx2 {
-void attention_forward(const AttentionParams& params);
-void attention_forward_naive(const AttentionParams& params);
-}  // namespace cpu_avx2
+// The instruction-set paths: the one attention_forward_cpu takes (empty with `error` set when
+// MHA_EXT_SIMD=<name> asks for one this build or CPU cannot run), and every path this build
+// has and this CPU can run, best first.
+struct CpuSimd {
+    std::string selected;
+    std::string error;
+    std::vector<std::string> supported;
+};
+const CpuSimd& attention_cpu_simd();
 
 }  // namespace mha

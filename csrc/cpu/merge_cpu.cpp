@@ -5,60 +5,43 @@
 // the output rows are accumulated in accum_t (float, double for float64) and stored.
 #include "cpu/merge_cpu.h"
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "cpu/convert.h"
+// The kernel's scalar float16 / bfloat16 conversions, in a copy of their own (this unit is
+// compiled once, with the baseline flags; see cpu/kernel/config.h).
+#define MHA_CPU_NS cpu_merge
+#define MHA_CPU_VEC_BYTES 32
+#include "cpu/kernel/convert.h"
+#include "switch.h"
 
 namespace mha {
 namespace {
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-    using accum_t = float;
-    static float load(const float* p, int64_t d) { return p[d]; }
-    static void store(float* p, int64_t d, float x) { p[d] = x; }
-};
-template <>
-struct Elem<double> {
-    using accum_t = double;
-    static double load(const double* p, int64_t d) { return p[d]; }
-    static void store(double* p, int64_t d, double x) { p[d] = x; }
-};
-template <>
-struct Elem<cpu_convert::f16> {
-    using accum_t = float;
-    static float load(const cpu_convert::f16* p, int64_t d) { return cpu_convert::half_to_float(p[d].bits); }
-    static void store(cpu_convert::f16* p, int64_t d, float x) { p[d].bits = cpu_convert::float_to_half(x); }
-};
-template <>
-struct Elem<cpu_convert::bf16> {
-    using accum_t = float;
-    static float load(const cpu_convert::bf16* p, int64_t d) { return cpu_convert::bf16_to_float(p[d].bits); }
-    static void store(cpu_convert::bf16* p, int64_t d, float x) { p[d].bits = cpu_convert::float_to_bf16(x); }
-};
+using cpu_merge::bf16;
+using cpu_merge::f16;
 
-template <typename L>
-inline L lse_at(const MergeParams& p, int64_t part, int64_t b, int64_t h, int64_t i) {
+// Element access in accum_t A for each storage type.
+inline float load(const float* p, int64_t d) { return p[d]; }
+inline double load(const double* p, int64_t d) { return p[d]; }
+inline float load(const f16* p, int64_t d) { return cpu_merge::half_to_float(p[d].bits); }
+inline float load(const bf16* p, int64_t d) { return cpu_merge::bf16_to_float(p[d].bits); }
+inline void store(float* p, int64_t d, float x) { p[d] = x; }
+inline void store(double* p, int64_t d, double x) { p[d] = x; }
+inline void store(f16* p, int64_t d, float x) { p[d].bits = cpu_merge::float_to_half(x); }
+inline void store(bf16* p, int64_t d, float x) { p[d].bits = cpu_merge::float_to_bf16(x); }
+
+// lse_p[b, h, i]; the lse arrays hold accum_t (check_merge_params).
+template <typename A>
+inline A lse_at(const MergeParams& p, int64_t part, int64_t b, int64_t h, int64_t i) {
     const int64_t* s = p.lse_strides + 3 * part;
-    return static_cast<const L*>(p.lses[part])[b * s[0] + h * s[1] + i * s[2]];
+    return static_cast<const A*>(p.lses[part])[b * s[0] + h * s[1] + i * s[2]];
 }
 
 // Below this many elements read, one thread (an OpenMP team costs more than the work).
 constexpr int64_t kSerialElems = int64_t{1} << 16;
 
-template <typename T, typename L>
+template <typename T, typename A>
 void merge_rows(const MergeParams& p) {
-    using A = typename Elem<T>::accum_t;
     const int64_t rows = p.batch * p.num_heads * p.seqlen;
     const int64_t n = p.num_parts;
     const int64_t dv = p.head_dim;
@@ -81,7 +64,7 @@ void merge_rows(const MergeParams& p) {
             A m = -std::numeric_limits<A>::infinity();
             bool nan = false;
             for (int64_t q = 0; q < n; ++q) {
-                const A x = static_cast<A>(lse_at<L>(p, q, b, h, i));
+                const A x = static_cast<A>(lse_at<A>(p, q, b, h, i));
                 if (std::isnan(x)) nan = true;
                 if (x > m) m = x;
             }
@@ -90,56 +73,38 @@ void merge_rows(const MergeParams& p) {
             A lse;
             if (nan) {
                 lse = std::numeric_limits<A>::quiet_NaN();
-                for (int64_t d = 0; d < dv; ++d) Elem<T>::store(dst, d, lse);
+                for (int64_t d = 0; d < dv; ++d) store(dst, d, lse);
             } else if (m == -std::numeric_limits<A>::infinity()) {
                 // Every part is empty: the empty-row rule, output 0 and lse -inf.
                 lse = m;
-                for (int64_t d = 0; d < dv; ++d) Elem<T>::store(dst, d, A(0));
+                for (int64_t d = 0; d < dv; ++d) store(dst, d, A(0));
             } else {
                 A total = 0;
                 for (int64_t q = 0; q < n; ++q) {
-                    total += std::exp(static_cast<A>(lse_at<L>(p, q, b, h, i)) - m);
+                    total += std::exp(static_cast<A>(lse_at<A>(p, q, b, h, i)) - m);
                 }
                 lse = m + std::log(total);
                 const A inv = A(1) / total;
                 for (int64_t d = 0; d < dv; ++d) acc[d] = 0;
                 for (int64_t q = 0; q < n; ++q) {
-                    const A x = static_cast<A>(lse_at<L>(p, q, b, h, i));
+                    const A x = static_cast<A>(lse_at<A>(p, q, b, h, i));
                     if (x == -std::numeric_limits<A>::infinity()) continue;  // contributes nothing
                     const A w = std::exp(x - m) * inv;
                     const int64_t* s = p.out_strides + 3 * q;
                     const T* src = static_cast<const T*>(p.outs[q]) + b * s[0] + h * s[1] + i * s[2];
-                    for (int64_t d = 0; d < dv; ++d) acc[d] += w * Elem<T>::load(src, d);
+                    for (int64_t d = 0; d < dv; ++d) acc[d] += w * load(src, d);
                 }
-                for (int64_t d = 0; d < dv; ++d) Elem<T>::store(dst, d, acc[d]);
+                for (int64_t d = 0; d < dv; ++d) store(dst, d, acc[d]);
             }
-            if (p.lse != nullptr) static_cast<L*>(p.lse)[r] = static_cast<L>(lse);
+            if (p.lse != nullptr) static_cast<A*>(p.lse)[r] = lse;
         }
-    }
-}
-
-template <typename T>
-void merge_typed(const MergeParams& p) {
-    if (p.lse_double) {
-        merge_rows<T, double>(p);
-    } else {
-        merge_rows<T, float>(p);
     }
 }
 
 }  // namespace
 
 void merge_cpu(const MergeParams& p) {
-    switch (p.dtype) {
-        case DType::kFloat32:
-            return merge_typed<float>(p);
-        case DType::kFloat64:
-            return merge_typed<double>(p);
-        case DType::kFloat16:
-            return merge_typed<cpu_convert::f16>(p);
-        case DType::kBFloat16:
-            return merge_typed<cpu_convert::bf16>(p);
-    }
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { merge_rows<T, A>(p); });
 }
 
 }  // namespace mha

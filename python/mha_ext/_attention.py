@@ -51,8 +51,32 @@ Score = Union[None, str, General, Additive, Concat]
 
 __all__ = ["attention", "build_info", "cuda_available"]
 
-_CAUSAL = {False: 0, None: 0, True: 1, "bottom_right": 1, "top_left": 2}
-_SCORES = {None: 0, "scaled_dot": 0, "dot": 1}
+# Python names -> the native codes (IntEnums exported by _core, defined once in C++).
+_C, _S, _D = _core.Causal, _core.Score, _core.Device
+_CAUSAL = {
+    False: _C.NONE, None: _C.NONE, True: _C.BOTTOM_RIGHT,
+    "bottom_right": _C.BOTTOM_RIGHT, "top_left": _C.TOP_LEFT,
+}
+_SCORES = {None: _S.SCALED_DOT, "scaled_dot": _S.SCALED_DOT, "dot": _S.DOT}
+_CPU, _CUDA = _D.CPU, _D.CUDA
+_NO_SCORE = (_S.SCALED_DOT, None, None, None)  # the per-call path reads no enum attribute
+_CONCAT = object()  # _score's marker for Concat (split into the additive pair below)
+
+# The arguments attention() passes to _core.attention, in the order it passes them. The order
+# is defined once, in C++ (MHA_ATTENTION_ARGS in bindings.cpp, exported as
+# _core.ATTENTION_ARGS); this copy only lets a mismatch fail at import instead of silently.
+# The call is positional because CPython turns a call with more than 13 keyword arguments
+# into a dict call (CALL_FUNCTION_EX), which doubles the cost of a tiny attention call.
+_CORE_ARGS = (
+    "q", "k", "v", "mask", "bias", "causal", "window_left", "window_right", "key_lengths",
+    "scale", "score", "score_wq", "score_wk", "score_w", "return_weights", "return_lse",
+    "blhd", "device", "num_threads", "out",
+)
+if _core.ATTENTION_ARGS[: len(_CORE_ARGS)] != _CORE_ARGS:
+    raise ImportError(
+        "mha_ext._core and mha_ext._attention disagree on the argument order of "
+        f"_core.attention: {_core.ATTENTION_ARGS} vs {_CORE_ARGS} (a stale build?)"
+    )
 
 
 def cuda_available() -> bool:
@@ -204,13 +228,13 @@ def _score(score):
     if kind is not None:
         return kind, None, None, None
     if isinstance(score, General):
-        return 2, score.W, None, None
+        return _S.GENERAL, score.W, None, None
     if isinstance(score, Additive):
-        return 3, score.W_q, score.W_k, score.w
+        return _S.ADDITIVE, score.W_q, score.W_k, score.w
     if isinstance(score, Concat):
         # [q; k] W = q W[:D] + k W[D:]: the additive kernel with a split matrix. D is only
         # known from q, so the split happens in _split_concat.
-        return 4, score.W, None, score.w
+        return _CONCAT, score.W, None, score.w
     raise ValueError(
         "score: expected None, 'scaled_dot', 'dot', mha_ext.General, mha_ext.Additive or "
         f"mha_ext.Concat, got {score!r}"
@@ -476,18 +500,19 @@ def attention(
     else:
         raise ValueError(f"layout: expected 'bhld' or 'blhd', got {layout!r}")
     if device == "cpu":
-        dev = 0
+        dev = _CPU
     elif device == "cuda":
-        dev = 1
+        dev = _CUDA
     elif device == "auto":
-        dev = 1 if _core.cuda_available() else 0
+        dev = _CUDA if _core.cuda_available() else _CPU
     else:
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'auto', got {device!r}")
     left, right = (-1, -1) if window is None else _window(window)
-    kind, w1, w2, w3 = (0, None, None, None) if score is None else _score(score)
-    if kind == 4:
+    kind, w1, w2, w3 = _NO_SCORE if score is None else _score(score)
+    if kind is _CONCAT:
         w1, w2 = _split_concat(q, w1)
-        kind = 3
+        kind = _S.ADDITIVE
+    # Positional, in _CORE_ARGS order (checked against _core.ATTENTION_ARGS at import).
     return _core.attention(
         q, k, v, mask, bias, causal_code, left, right, key_lengths, scale, kind, w1, w2, w3,
         return_weights if return_weights is False or return_weights is True

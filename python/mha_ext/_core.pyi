@@ -1,30 +1,52 @@
 """Type stubs for the native module mha_ext._core (see mha_ext.attention for the API)."""
 
+import enum
 from typing import Any
 
 import numpy as np
 
+class Causal(enum.IntEnum):
+    NONE = 0
+    BOTTOM_RIGHT = 1
+    TOP_LEFT = 2
+
+class Device(enum.IntEnum):
+    CPU = 0
+    CUDA = 1
+
+class Score(enum.IntEnum):
+    SCALED_DOT = 0
+    DOT = 1
+    GENERAL = 2
+    ADDITIVE = 3
+
+# The argument names of attention(), in positional order (defined once, in C++).
+ATTENTION_ARGS: tuple[str, ...]
+MAX_THREADS: int
+
+# Arguments after q, k, v may be positional (ATTENTION_ARGS order) or keywords; absent ones
+# take the defaults below. The parameter list follows ATTENTION_ARGS (a test checks it).
 def attention(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
-    mask: np.ndarray | None,
-    bias: np.ndarray | None,
-    causal: int,
-    window_left: int,
-    window_right: int,
-    key_lengths: np.ndarray | None,
-    scale: float | None,
-    score: int,
-    score_wq: np.ndarray | None,
-    score_wk: np.ndarray | None,
-    score_w: np.ndarray | None,
-    return_weights: bool,
-    return_lse: bool,
-    blhd: bool,
-    device: int,
-    num_threads: int | None,
-    out: np.ndarray | None,
+    mask: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    causal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    key_lengths: np.ndarray | None = None,
+    scale: float | None = None,
+    score: int = 0,
+    score_wq: np.ndarray | None = None,
+    score_wk: np.ndarray | None = None,
+    score_w: np.ndarray | None = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    blhd: bool = False,
+    device: int = 0,
+    num_threads: int | None = None,
+    out: np.ndarray | None = None,
     naive: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, ...]: ...
 def build_info() -> dict[str, Any]: ...
@@ -37,3 +59,4 @@ def s2_attention(
 def merge(
     outs: list[Any], lses: list[Any], blhd: bool = False, num_threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
+def _check_params(overrides: dict[str, Any]) -> None: ...

@@ -7,7 +7,7 @@
 //                      runs over contiguous channels of three fixed source pixels.
 // Neither pass writes x: the shifted branches are read through clamped source indices, so
 // there is no shifted copy to allocate and no aliasing between a shift's reads and writes.
-#include "s2_cpu.h"
+#include "s2/s2_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -159,7 +159,8 @@ void s2_check_params(const S2Params& p) {
               "x: sizes must be non-negative, got (B, H, W) = (", p.batch, ", ", p.height, ", ",
               p.width, ")");
     MHA_CHECK(p.channels >= 1, "x: channels must be at least 1, got ", p.channels);
-    MHA_CHECK(p.num_threads >= 0, "num_threads: must be positive, got ", p.num_threads);
+    MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
+              "num_threads: " MHA_NUM_THREADS_RULE ", got ", p.num_threads);
     const bool pixels = p.batch > 0 && p.height > 0 && p.width > 0;
     MHA_CHECK(!pixels || p.x != nullptr, "x: must be given");
 }

@@ -28,14 +28,14 @@
 
 #include <cstdint>
 
-#include "params.h"
+#include "s2/s2_params.h"
 
 namespace mha {
 
-// S2Params (params.h) describes one call; the index order above is its contract.
-
+// S2Params (s2_params.h) describes one call; the index order above is its contract.
 
 // Throws std::invalid_argument for inconsistent sizes or a dtype other than float32/float64.
+// The pass functions below call it first.
 void s2_check_params(const S2Params& params);
 
 // Pass 1: sums[b, c] = sum over branches k and pixels (i, j) of shifted_k[b, i, j, c], the

@@ -1,19 +1,15 @@
-// Scalar float16 / bfloat16 <-> float conversions (round to nearest even, NaN kept quiet).
-//
-// The F16C branches depend on the flags of the including translation unit, so the functions
-// have internal linkage (an unnamed namespace): every instruction-set build keeps its own
-// copy, and the linker can never hand an F16C body to the baseline build.
+// Storage types (f16, bf16) and their conversions to and from accum_t: load_row / store_row.
+// Part of the CPU kernel compiled once per instruction set (see attention_cpu_isa.cpp):
+// include only from there, inside namespace mha::MHA_CPU_NS, no STL templates.
 #pragma once
 
-#include <cstdint>
-#include <cstring>
+#include "cpu/kernel/config.h"
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+namespace mha {
+namespace MHA_CPU_NS {
 
-namespace cpu_convert {
-namespace {
+// ------------------------------------------------------------------------------------------
+// Storage types and conversion to accum_t.
 
 struct f16 {
     uint16_t bits;
@@ -97,5 +93,54 @@ inline uint16_t float_to_bf16(float f) {
     return static_cast<uint16_t>(x >> 16);
 }
 
-}  // namespace
-}  // namespace cpu_convert
+// dst[d] = A(src[d]) * mul for d < n.
+template <typename A>
+inline void load_row(const float* src, A* dst, int64_t n, A mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d]) * mul;
+}
+template <typename A>
+inline void load_row(const double* src, A* dst, int64_t n, A mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<A>(src[d] * mul);
+}
+template <typename A>
+inline void load_row(const f16* src, A* dst, int64_t n, A mul) {
+    int64_t d = 0;
+#if defined(__F16C__)
+    const __m256 m = _mm256_set1_ps(mul);
+    for (; d + 8 <= n; d += 8) {
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+        _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtph_ps(h), m));
+    }
+#endif
+    for (; d < n; ++d) dst[d] = half_to_float(src[d].bits) * mul;
+}
+template <typename A>
+inline void load_row(const bf16* src, A* dst, int64_t n, A mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d].bits) * mul;
+}
+
+// dst[d] = T(src[d] * mul) for d < n.
+inline void store_row(const float* src, float* dst, int64_t n, float mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d] * mul;
+}
+inline void store_row(const double* src, double* dst, int64_t n, double mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d] * mul;
+}
+inline void store_row(const float* src, f16* dst, int64_t n, float mul) {
+    int64_t d = 0;
+#if defined(__F16C__)
+    const __m256 m = _mm256_set1_ps(mul);
+    for (; d + 8 <= n; d += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + d), m),
+                                    _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), h);
+    }
+#endif
+    for (; d < n; ++d) dst[d].bits = float_to_half(src[d] * mul);
+}
+inline void store_row(const float* src, bf16* dst, int64_t n, float mul) {
+    for (int64_t d = 0; d < n; ++d) dst[d].bits = float_to_bf16(src[d] * mul);
+}
+
+}  // namespace MHA_CPU_NS
+}  // namespace mha

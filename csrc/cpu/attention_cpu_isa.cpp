@@ -1,0 +1,43 @@
+// CPU attention kernels: this translation unit is compiled once per instruction set listed in
+// CMakeLists.txt (MHA_CPU_ISAS), each time with that set's flags, namespace (MHA_CPU_NS) and
+// vector width (MHA_CPU_VEC_BYTES); attention_cpu.cpp's table picks one copy at run time.
+//
+// Versions:
+//   attention_forward_naive    one query row at a time, all Lk scores in a row buffer, a plain
+//                              softmax (kernel/naive.h). Documents the math; used as a
+//                              cross-check by the tests.
+//   attention_forward          tiled ("flash") forward (kernel/tile_loop.h): a (kBlockQ x
+//                              head_dim) query tile meets (kBlockK x head_dim) key/value tiles
+//                              packed to accum_t; scores and P.V are register-blocked GEMM
+//                              micro-kernels (6 rows x 2 vectors, kernel/micro.h) written with
+//                              GCC vector extensions, so the same source becomes SSE2 or
+//                              AVX2+FMA code; the online softmax (kernel/softmax.h) rescales a
+//                              row only when its max grows; tiles hidden by causal / window /
+//                              key_lengths / an all-false mask block are skipped
+//                              (kernel/masking.h); one-row tasks take the decode row path
+//                              (kernel/decode_row.h). OpenMP tasks are (batch, head, query
+//                              tile), heaviest first, dynamic. Weights, when asked for, come
+//                              from a second pass over the tiles: w = exp(s - lse), so no
+//                              Lq x Lk buffer exists otherwise.
+//
+// Conventions: a row with no visible key (max = -inf) gets output 0, weights 0, lse = -inf
+// (PyTorch's _safe_softmax, FlashAttention, ggml). A NaN score in a visible position poisons
+// its row: output, weights and lse become NaN, never a silent 0.
+#include "cpu/attention_cpu.h"
+#include "cpu/kernel/naive.h"
+#include "cpu/kernel/tile_loop.h"
+#include "switch.h"
+
+namespace mha {
+namespace MHA_CPU_NS {
+
+void attention_forward(const AttentionParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_blocked<T, A>(p); });
+}
+
+void attention_forward_naive(const AttentionParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_naive<T, A>(p); });
+}
+
+}  // namespace MHA_CPU_NS
+}  // namespace mha

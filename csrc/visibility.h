@@ -1,0 +1,49 @@
+// Which keys a query row may see, before the bool mask and the bias: the causal alignment,
+// the sliding window and key_lengths. One rule for every backend: the CPU kernels and the
+// CUDA kernels (cuda/attention_kernels.cuh) both include this header, so they can't drift.
+//
+//   lk = key_lengths[b] (or seqlen_k)       keys j >= lk are padding, never read
+//   off = lk - seqlen_q (bottom-right alignment, causal True / None) or 0 (top-left)
+//   causal:  j <= i + off
+//   window:  i + off - left <= j <= i + off + right   (-1 = unbounded on that side)
+//
+// Overflow-safe: left/right may be as large as INT64_MAX (sys.maxsize, a common spelling of
+// "unbounded") and then behave exactly like -1. Only differences of in-range positions are
+// formed (|i|, |off|, lk are array sizes, far below 2^62), never i + off + right.
+#pragma once
+
+#include <cstdint>
+
+#include "params.h"
+
+#if defined(__CUDACC__)
+#define MHA_HD __host__ __device__ __forceinline__
+#else
+#define MHA_HD inline
+#endif
+
+namespace mha {
+
+struct KeyRange {
+    int64_t lo;  // first visible key (inclusive)
+    int64_t hi;  // last visible key (inclusive); lo > hi: the row sees no key
+};
+
+// Valid keys of batch b: key_lengths[b], or seqlen_k without key_lengths.
+MHA_HD int64_t valid_keys(const AttentionParams& p, int64_t b) {
+    return p.key_lengths != nullptr ? p.key_lengths[b] : p.seqlen_k;
+}
+
+// Keys [lo, hi] of query row i (lk valid keys) through causal / window / key_lengths.
+MHA_HD KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lk) {
+    const int64_t diag = i + (p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q);
+    int64_t lo = 0;
+    int64_t hi = lk - 1;
+    if (p.causal != Causal::kNone && diag < hi) hi = diag;
+    // hi = min(hi, diag + right) and lo = max(lo, diag - left), compared as differences.
+    if (p.window_right >= 0 && p.window_right < hi - diag) hi = diag + p.window_right;
+    if (p.window_left >= 0 && p.window_left < diag - lo) lo = diag - p.window_left;
+    return {lo, hi};
+}
+
+}  // namespace mha
