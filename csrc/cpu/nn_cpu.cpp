@@ -217,12 +217,15 @@ MHA_NN_INLINE V gelu_v(V x) {
 }
 
 // x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + exp(-2u)), which
-// has no cancellation on either side. gelu_tanh(-inf) = 0, +inf stays, NaN stays.
+// has no cancellation on either side. gelu_tanh(-inf) = 0, +inf stays, NaN stays (NaN > c is
+// false).
 MHA_NN_INLINE V gelu_tanh_v(V x) {
     constexpr double kSqrt2OverPi = 0.79788456080286535588;
     const V u = kSqrt2OverPi * (x + 0.044715 * x * x * x);
-    const V y = x / (1.0 + exp_v(-2.0 * u));
-    return sel(x == -std::numeric_limits<double>::infinity(), splat(0.0), y);
+    const V m2u = -2.0 * u;
+    const V y = x / (1.0 + exp_v(m2u));
+    // Where exp(-2u) leaves double's range the value is below 1e-300 (and -inf gives 0).
+    return sel(m2u > 708.0, splat(0.0), y);
 }
 
 MHA_NN_INLINE V relu_v(V x) { return sel(x < 0.0, splat(0.0), x); }
