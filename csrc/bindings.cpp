@@ -942,6 +942,8 @@ py::tuple merge(py::sequence outs, py::sequence lses, bool blhd, py::object num_
 }  // namespace
 }  // namespace mha
 
+void register_nn(py::module_& m);  // bindings_nn.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "mha_ext native core (see mha_ext.attention for the documented API)";
     mha::main_thread_ident();  // cache it while importing
@@ -1018,6 +1020,7 @@ PYBIND11_MODULE(_core, m) {
         d["compiler"] = info.compiler;
         return d;
     });
+    register_nn(m);
     m.def("cuda_available", &mha::cuda_available);
     m.def("cuda_last_kernel_ms", &mha::cuda_last_kernel_ms,
           "Kernel time (ms) of this thread's last device='cuda' call; 0 without CUDA.");

@@ -9,6 +9,7 @@
 #include "check.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "cpu/nn_cpu.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
 #endif
@@ -59,6 +60,10 @@ void merge_forward(const MergeParams& params) {
     if (params.batch == 0 || params.num_heads == 0 || params.seqlen == 0) return;
     merge_cpu(params);
 }
+
+void bias_act(const BiasActParams& params) { bias_act_cpu(params); }
+void add_norm(const AddNormParams& params) { add_norm_cpu(params); }
+const char* nn_simd() { return nn_simd_cpu(); }
 
 bool cuda_available() {
 #ifdef MHA_EXT_WITH_CUDA

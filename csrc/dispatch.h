@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "merge_params.h"
+#include "nn_params.h"
 #include "params.h"
 
 namespace mha {
@@ -16,6 +17,12 @@ void attention_forward(const AttentionParams& params);
 // Merge partial results over disjoint key shards (SPEC 6.1): check_merge_params, then the
 // CPU pass.
 void merge_forward(const MergeParams& params);
+
+// The layer kernels (nn_params.h): value checks, then the CPU kernel. nn_simd(): the
+// instruction set the kernels' ifunc resolver picked ("avx512f", "avx2", "default").
+void bias_act(const BiasActParams& params);
+void add_norm(const AddNormParams& params);
+const char* nn_simd();
 
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {

@@ -197,7 +197,7 @@ def _build_cases():  # noqa: C901 - one long catalogue reads best as one functio
     mut("k batch", ["k", "v", "batch"], "error", k=rnd(1, HK, LK, D), v=rnd(1, HK, LK, DV))
     mut("Hq % Hk", ["q", "k"], "error", k=rnd(B, 3, LK, D), v=rnd(B, 3, LK, DV))
     mut("Hk = 0", ["k"], "error", k=rnd(B, 0, LK, D), v=rnd(B, 0, LK, DV))
-    mut("D = 0", ["q", "D"], "error", q=rnd(B, HQ, LQ, 0), k=rnd(B, HK, LK, 0))
+    mut("D = 0", ["q", "k", "D"], "error", q=rnd(B, HQ, LQ, 0), k=rnd(B, HK, LK, 0))
     att("B = 0", ["q"], "ok", q=rnd(0, HQ, LQ, D), k=rnd(0, HK, LK, D), v=rnd(0, HK, LK, DV), return_lse=True, return_weights=True)
     att("Hq = Hk = 0", ["q"], "ok", q=rnd(B, 0, LQ, D), k=rnd(B, 0, LK, D), v=rnd(B, 0, LK, DV))
     att("Lq = 0", ["q"], "ok", q=rnd(B, HQ, 0, D), return_lse=True, return_weights=True)

@@ -210,8 +210,18 @@ def _window(window):
         elif isinstance(x, bool) or not hasattr(x, "__index__"):
             raise TypeError(f"window: {name} must be an int or None, got {x!r}")
         else:
-            out.append(x.__index__())
+            n = x.__index__()
+            # The native field is int64 (check_params() checks the value); up to 2**63 - 1
+            # every window is valid and a huge one means unbounded.
+            if not -_INT64_MAX - 1 <= n <= _INT64_MAX:
+                raise ValueError(
+                    f"window: {name} must fit in int64 (use None for unbounded), got {n}"
+                )
+            out.append(n)
     return out[0], out[1]
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def _flag(x, name):

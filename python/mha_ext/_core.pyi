@@ -60,3 +60,22 @@ def merge(
     outs: list[Any], lses: list[Any], blhd: bool = False, num_threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
 def _check_params(overrides: dict[str, Any]) -> None: ...
+def bias_act(
+    x: np.ndarray,
+    bias: np.ndarray | None,
+    activation: int,
+    out: np.ndarray,
+    num_threads: int | None = None,
+) -> None: ...
+def add_norm(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    y_bias: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    eps: float,
+    sum_out: np.ndarray | None,
+    out: np.ndarray | None,
+    num_threads: int | None = None,
+) -> None: ...
+def nn_simd() -> str: ...

@@ -27,6 +27,7 @@ Conventions shared by every layer here:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -35,7 +36,10 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from ._attention import attention
 from ._nn import (
+    _ACTIVATIONS,
     _activation,
+    _add_norm,
+    _bias_act,
     _bool_mask,
     _check_broadcast,
     _check_unused,
@@ -55,14 +59,130 @@ from ._nn import (
 )
 from ._scores import Additive, Concat, General
 
-__all__ = ["MultiHeadAttention", "TransformerDecoderLayer", "TransformerEncoderLayer"]
+__all__ = [
+    "MultiHeadAttention",
+    "Packing",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
+    "encoder_stack",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# Packing (FlashAttention's unpad_input / pad_input) and per-thread scratch buffers
+
+
+class Packing:
+    """The real tokens of a padded batch, for layers that work on packed tokens only.
+
+    ``Packing(key_padding_mask)`` with a bool ``(B, L)`` mask, **True = real token** (any
+    positions: suffix, prefix or scattered padding). ``pack(x)`` gathers the real rows of
+    ``x (B, L, ...)`` into ``(N, ...)``, ``N = num_tokens``, in batch-then-position order;
+    ``unpack(y)`` scatters ``(N, ...)`` back to ``(B, L, ...)`` with **zeros at the padded
+    positions**. Attributes: ``batch``, ``length``, ``lengths (B,)`` (real tokens per
+    sequence), ``offsets (B + 1,)`` (sequence b is rows ``offsets[b]:offsets[b+1]`` of a packed
+    array), ``index (N,)`` (flat positions in ``B * L``), ``num_tokens``.
+
+    The encoder and decoder layers pack internally whenever a key padding mask is given (and
+    no dense mask): projections, feed-forward, norms and attention then touch only the N real
+    tokens. To keep a stack of layers packed between layers (pack once, unpack once), use
+    ``layer.forward_packed(x, packing)`` or ``encoder_stack(layers, src, key_padding_mask=m)``.
+    """
+
+    def __init__(self, key_padding_mask, name: str = "key_padding_mask"):
+        m = _bool_mask(key_padding_mask, name)
+        if m.ndim != 2:
+            raise ValueError(f"{name}: expected shape (B, L), got {m.shape}")
+        m = np.ascontiguousarray(m)
+        self.batch, self.length = m.shape
+        self.lengths = m.sum(axis=1, dtype=np.int64)
+        self.offsets = np.zeros(self.batch + 1, np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self.index = np.flatnonzero(m)
+        self.num_tokens = int(self.index.size)
+        self.mask = m
+
+    @classmethod
+    def dense(cls, batch: int, length: int) -> Packing:
+        """The packing of a batch without padding."""
+        return cls(np.ones((batch, length), bool))
+
+    def pack(self, x: np.ndarray) -> np.ndarray:
+        """``(B, L, ...)`` -> ``(N, ...)``: the rows of the real tokens (one gather copy)."""
+        x = np.asarray(x)
+        if x.shape[:2] != (self.batch, self.length):
+            raise ValueError(
+                f"x: expected shape ({self.batch}, {self.length}, ...), got {x.shape}"
+            )
+        flat = x.reshape((self.batch * self.length,) + x.shape[2:])
+        if self.num_tokens == flat.shape[0]:
+            return np.ascontiguousarray(flat)
+        return flat.take(self.index, axis=0)
+
+    def unpack(self, y: np.ndarray) -> np.ndarray:
+        """``(N, ...)`` -> ``(B, L, ...)`` with zeros at the padded positions."""
+        y = np.asarray(y)
+        if y.shape[0] != self.num_tokens:
+            raise ValueError(f"y: expected {self.num_tokens} rows, got {y.shape}")
+        if self.num_tokens == self.batch * self.length:
+            return y.reshape((self.batch, self.length) + y.shape[1:])
+        out = np.zeros((self.batch * self.length,) + y.shape[1:], y.dtype)
+        out[self.index] = y
+        return out.reshape((self.batch, self.length) + y.shape[1:])
+
+
+class _Scratch:
+    """Per-thread scratch buffers of a layer, reused across calls.
+
+    Only intermediates live here (projections, attention output, the FFN hidden layer): a
+    layer never returns a scratch buffer, and each thread has its own, so one layer object
+    can serve several threads at once.
+    """
+
+    def _buf(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        tls = self.__dict__.get("_tls")
+        if tls is None:
+            tls = self.__dict__.setdefault("_tls", threading.local())
+        n = math.prod(shape)
+        buf = getattr(tls, name, None)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = np.empty(n, dtype)
+            setattr(tls, name, buf)
+        return buf[:n].reshape(shape)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tls", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _matmul_bias(x: np.ndarray, w: np.ndarray, b, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ w + b`` (BLAS, then the native bias add in place)."""
+    y = np.matmul(x, w) if out is None else np.matmul(x, w, out=out)
+    if b is not None:
+        _bias_act(y, b, "none", out=y)
+    return y
+
+
+def _causal_arg(causal, name: str):
+    if isinstance(causal, np.bool_):
+        causal = bool(causal)
+    if not (
+        isinstance(causal, bool)
+        or (isinstance(causal, str) and causal in ("bottom_right", "top_left"))
+    ):
+        raise ValueError(f"{name}: expected False, True, 'bottom_right' or 'top_left', got {causal!r}")
+    return causal
 
 
 # ------------------------------------------------------------------------------------------
 # MultiHeadAttention
 
 
-class MultiHeadAttention:
+class MultiHeadAttention(_Scratch):
     """Multi-head attention: project, split heads, attend (native core), concat, project.
 
     Parameters
@@ -462,6 +582,7 @@ class MultiHeadAttention:
         average_weights,
         attn_bias,
         names=("mask", "key_padding_mask", "causal"),
+        out_bias=True,
     ):
         mask_name, kpm_name, causal_name = names
         dt = self.dtype
@@ -490,15 +611,7 @@ class MultiHeadAttention:
             )
         need_weights = _flag(need_weights, "need_weights")
         average_weights = _flag(average_weights, "average_weights")
-        if isinstance(causal, np.bool_):
-            causal = bool(causal)
-        if not (
-            isinstance(causal, bool)
-            or (isinstance(causal, str) and causal in ("bottom_right", "top_left"))
-        ):
-            raise ValueError(
-                f"{causal_name}: expected False, True, 'bottom_right' or 'top_left', got {causal!r}"
-            )
+        causal = _causal_arg(causal, causal_name)
         if not batched:
             q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]
         b, lq, lk = q_in.shape[0], q_in.shape[1], k_in.shape[1]
@@ -545,7 +658,7 @@ class MultiHeadAttention:
             layout="blhd",
         )
         o, weights = res if need_weights else (res, None)
-        out = self._project(o.reshape(b, lq, self.embed_dim), self.w_o, self.b_o)
+        out = self._project(o.reshape(b, lq, self.embed_dim), self.w_o, self.b_o if out_bias else None)
         if weights is not None and average_weights:
             weights = weights.mean(axis=1)
         if not batched:
@@ -555,17 +668,49 @@ class MultiHeadAttention:
 
     @staticmethod
     def _project(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
-        y = x @ w
-        if b is not None:
-            y += b
-        return y
+        return _matmul_bias(x, w, b)
+
+    def _attend_packed(self, xq, pq: Packing, xkv, pkv: Packing, causal) -> np.ndarray:
+        """Attention on packed tokens: ``(Nq, E)`` queries, ``(Nk, kdim)`` keys/values.
+
+        Returns ``o @ w_o`` **without** ``b_o`` (the caller fuses it into its Add & Norm), in a
+        per-thread scratch buffer. Sequence b attends from rows ``pq.offsets[b]:[b+1]`` to rows
+        ``pkv.offsets[b]:[b+1]``, one native call per sequence writing straight into the
+        packed output; ``causal`` (self-attention only) hides later real tokens. A sequence
+        with no real key gives zeros.
+        """
+        h, hk, hd, dt = self.num_heads, self.num_kv_heads, self.head_dim, self.dtype
+        nq, nk = xq.shape[0], xkv.shape[0]
+        q = _matmul_bias(xq, self.w_q, self.b_q, self._buf("q", (nq, h * hd), dt))
+        k = _matmul_bias(xkv, self.w_k, self.b_k, self._buf("k", (nk, hk * hd), dt))
+        v = _matmul_bias(xkv, self.w_v, self.b_v, self._buf("v", (nk, hk * hd), dt))
+        o = self._buf("o", (nq, h * hd), dt)
+        causal_arg = "top_left" if causal else False
+        oq, ok = pq.offsets, pkv.offsets
+        for b in range(pq.batch):
+            q0, q1, k0, k1 = int(oq[b]), int(oq[b + 1]), int(ok[b]), int(ok[b + 1])
+            if q1 == q0:
+                continue
+            if k1 == k0:
+                o[q0:q1] = 0
+                continue
+            attention(
+                q[q0:q1].reshape(1, q1 - q0, h, hd),
+                k[k0:k1].reshape(1, k1 - k0, hk, hd),
+                v[k0:k1].reshape(1, k1 - k0, hk, hd),
+                causal=causal_arg,
+                score=self.score,
+                layout="blhd",
+                out=o[q0:q1].reshape(1, q1 - q0, h, hd),
+            )
+        return np.matmul(o, self.w_o, out=self._buf("y", (nq, self.embed_dim), dt))
 
 
 # ------------------------------------------------------------------------------------------
 # Transformer layers
 
 
-class TransformerEncoderLayer:
+class TransformerEncoderLayer(_Scratch):
     """Self-attention and feed-forward blocks with residual Add & Norm (inference only).
 
     Parameters
@@ -697,20 +842,49 @@ class TransformerEncoderLayer:
             f"layer_norm_eps={self.layer_norm_eps}, bias={self.bias}, dtype={self.dtype.name})"
         )
 
-    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        return layer_norm(
-            x, getattr(self, name + "_weight"), getattr(self, name + "_bias"), self.layer_norm_eps
-        )
+    def _norm_args(self, name: str) -> tuple[Any, Any]:
+        return getattr(self, name + "_weight"), getattr(self, name + "_bias")
 
-    def _ff(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.w_1
-        if self.b_1 is not None:
-            y += self.b_1
-        y = np.asarray(self._act(y), dtype=self.dtype)
-        y = y @ self.w_2
-        if self.b_2 is not None:
-            y += self.b_2
-        return y
+    def _ff_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out = act(x @ w_1 + b_1) @ w_2`` (without ``b_2``: the caller's Add & Norm adds it).
+
+        The hidden ``(n, dim_feedforward)`` activation is a per-thread scratch buffer; bias and
+        activation run fused in the native core for the named activations.
+        """
+        dt = self.dtype
+        hid = np.matmul(x, self.w_1, out=self._buf("ff", (x.shape[0], self.dim_feedforward), dt))
+        act = self.activation
+        if isinstance(act, str) and act in _ACTIVATIONS:
+            _bias_act(hid, self.b_1, act, out=hid)
+        else:
+            if self.b_1 is not None:
+                _bias_act(hid, self.b_1, "none", out=hid)
+            hid = np.asarray(self._act(hid), dtype=dt)
+        return np.matmul(hid, self.w_2, out=out)
+
+    def _rows(self, n: int, name: str) -> np.ndarray:
+        return self._buf(name, (n, self.d_model), self.dtype)
+
+    def _encode_rows(self, x: np.ndarray, attend) -> np.ndarray:
+        """One encoder layer on token rows ``x (n, d_model)``; ``attend(z)`` returns the
+        self-attention of ``z`` without its output bias. Returns a fresh ``(n, d_model)``."""
+        n, eps = x.shape[0], self.layer_norm_eps
+        b_o = self.self_attn.b_o
+        out = np.empty((n, self.d_model), self.dtype)
+        if self.norm_first:
+            z = self._rows(n, "norm")
+            _add_norm(x, None, None, *self._norm_args("norm1"), eps, out=z)
+            y = attend(z)
+            # out = x + sa + b_o (the residual stream); z = norm2(out), in one pass.
+            _add_norm(x, y, b_o, *self._norm_args("norm2"), eps, sum_out=out, out=z)
+            f = self._ff_into(z, self._rows(n, "ff_out"))
+            _add_norm(out, f, self.b_2, None, None, eps, sum_out=out)
+        else:
+            y = attend(x)
+            _add_norm(x, y, b_o, *self._norm_args("norm1"), eps, out=y)  # y = norm1(x + sa)
+            self._ff_into(y, out)
+            _add_norm(y, out, self.b_2, *self._norm_args("norm2"), eps, out=out)
+        return out
 
     def _input(self, x, name: str) -> np.ndarray:
         a = _real(x, name, self.dtype)
@@ -720,6 +894,27 @@ class TransformerEncoderLayer:
                 f"got {a.shape}"
             )
         return a
+
+    def _packed_input(self, x, name: str, packing) -> np.ndarray:
+        if not isinstance(packing, Packing):
+            raise TypeError(f"{name}: expected a mha_ext.layers.Packing, got {type(packing).__name__}")
+        a = _rows_input(_real(x, name, self.dtype))
+        if a.shape != (packing.num_tokens, self.d_model):
+            raise ValueError(
+                f"{name}: expected packed shape ({packing.num_tokens}, {self.d_model}), got {a.shape}"
+            )
+        return a
+
+    def forward_packed(self, x, packing: Packing, *, causal=False) -> np.ndarray:
+        """The layer on packed tokens: ``x (N, d_model)`` = ``packing.pack(src)``; returns
+        ``(N, d_model)``. Projections, FFN and norms see only the N real tokens; each sequence
+        attends within itself (``causal=True`` hides its later tokens). Chain layers on the
+        packed array and call ``packing.unpack`` once at the end (see ``encoder_stack``).
+        """
+        x = self._packed_input(x, "x", packing)
+        causal = _causal_arg(causal, "causal")
+        sa = self.self_attn
+        return self._encode_rows(x, lambda z: sa._attend_packed(z, packing, z, packing, causal))
 
     def __call__(
         self,
@@ -757,21 +952,33 @@ class TransformerEncoderLayer:
         PyTorch's ``src_mask`` / ``src_key_padding_mask`` bool masks mean the opposite (True
         = hidden / padding): pass ``~src_mask`` and ``~src_key_padding_mask``; a 0/-inf float
         ``src_mask`` ``m`` is ``mask=(m == 0)``.
+
+        With ``key_padding_mask`` the **padded positions of the output are 0** (like PyTorch's
+        nested-tensor ``TransformerEncoder``); without a dense ``mask`` the layer packs the
+        real tokens (``Packing``) so padding costs no work.
         """
         x = self._input(src, "src")
+        causal = _causal_arg(causal, "causal")
+        batched = x.ndim == 3
+        x3 = x if batched else x[None]
+        shape = x3.shape
+        kpm = _kpm(key_padding_mask, "key_padding_mask", shape[:2], batched)
+        if kpm is not None and mask is None:
+            packing = Packing(kpm)
+            out = packing.unpack(self.forward_packed(packing.pack(x3), packing, causal=causal))
+            return out if batched else out[0]
+        n = shape[0] * shape[1]
 
-        def sa(y):
+        def attend(z):
+            z = z.reshape(shape if batched else shape[1:])
             return self.self_attn._forward(
-                y, None, None, mask, key_padding_mask, causal, False, True, None
-            )[0]
+                z, None, None, mask, key_padding_mask, causal, False, True, None, out_bias=False
+            )[0].reshape(n, self.d_model)
 
-        if self.norm_first:
-            x = x + sa(self._norm(x, "norm1"))
-            x = x + self._ff(self._norm(x, "norm2"))
-        else:
-            x = self._norm(x + sa(x), "norm1")
-            x = self._norm(x + self._ff(x), "norm2")
-        return x
+        out = self._encode_rows(_rows_input(x3.reshape(n, self.d_model)), attend).reshape(shape)
+        if kpm is not None:
+            out[~kpm] = 0
+        return out if batched else out[0]
 
     def load_torch(self, state_dict: Mapping[str, Any] | Any) -> TransformerEncoderLayer:
         """Copy a ``torch.nn.TransformerEncoderLayer`` (or ``DecoderLayer``) state dict.
@@ -902,10 +1109,25 @@ class TransformerDecoderLayer(TransformerEncoderLayer):
             raise ValueError(
                 f"memory: expected the batch shape of tgt {x.shape[:-2]}, got {mem.shape}"
             )
+        tgt_causal = _causal_arg(tgt_causal, "tgt_causal")
+        batched = x.ndim == 3
+        x3, m3 = (x, mem) if batched else (x[None], mem[None])
+        tk = _kpm(tgt_key_padding_mask, "tgt_key_padding_mask", x3.shape[:2], batched)
+        mk = _kpm(memory_key_padding_mask, "memory_key_padding_mask", m3.shape[:2], batched)
+        if (tk is not None or mk is not None) and tgt_mask is None and memory_mask is None:
+            pt = Packing(tk) if tk is not None else Packing.dense(*x3.shape[:2])
+            pm = Packing(mk) if mk is not None else Packing.dense(*m3.shape[:2])
+            out = pt.unpack(
+                self.forward_packed(pt.pack(x3), pt, pm.pack(m3), pm, tgt_causal=tgt_causal)
+            )
+            return out if batched else out[0]
+        n = x3.shape[0] * x3.shape[1]
+        d = self.d_model
 
-        def sa(y):
+        def sa(z):
+            z = z.reshape(x.shape)
             return self.self_attn._forward(
-                y,
+                z,
                 None,
                 None,
                 tgt_mask,
@@ -915,11 +1137,13 @@ class TransformerDecoderLayer(TransformerEncoderLayer):
                 True,
                 None,
                 names=("tgt_mask", "tgt_key_padding_mask", "tgt_causal"),
-            )[0]
+                out_bias=False,
+            )[0].reshape(n, d)
 
-        def ca(y):
+        def ca(z):
+            z = z.reshape(x.shape)
             return self.multihead_attn._forward(
-                y,
+                z,
                 mem,
                 mem,
                 memory_mask,
@@ -929,14 +1153,103 @@ class TransformerDecoderLayer(TransformerEncoderLayer):
                 True,
                 None,
                 names=("memory_mask", "memory_key_padding_mask", "causal"),
-            )[0]
+                out_bias=False,
+            )[0].reshape(n, d)
 
+        out = self._decode_rows(_rows_input(x3.reshape(n, d)), sa, ca).reshape(x3.shape)
+        if tk is not None:
+            out[~tk] = 0
+        return out if batched else out[0]
+
+    def forward_packed(  # type: ignore[override]
+        self, tgt, tgt_packing: Packing, memory, memory_packing: Packing, *, tgt_causal=False
+    ) -> np.ndarray:
+        """The layer on packed tokens: ``tgt (Nt, d_model)`` = ``tgt_packing.pack(tgt)`` and
+        ``memory (Nm, d_model)`` = ``memory_packing.pack(memory)`` (same batch size); returns
+        ``(Nt, d_model)``. Target sequence b attends to itself (``tgt_causal``: to its earlier
+        tokens) and to memory sequence b's real tokens.
+        """
+        x = self._packed_input(tgt, "tgt", tgt_packing)
+        mem = self._packed_input(memory, "memory", memory_packing)
+        if memory_packing.batch != tgt_packing.batch:
+            raise ValueError(
+                f"memory_packing: expected batch {tgt_packing.batch}, got {memory_packing.batch}"
+            )
+        tgt_causal = _causal_arg(tgt_causal, "tgt_causal")
+        sa_l, ca_l = self.self_attn, self.multihead_attn
+        return self._decode_rows(
+            x,
+            lambda z: sa_l._attend_packed(z, tgt_packing, z, tgt_packing, tgt_causal),
+            lambda z: ca_l._attend_packed(z, tgt_packing, mem, memory_packing, False),
+        )
+
+    def _decode_rows(self, x: np.ndarray, sa, ca) -> np.ndarray:
+        n, eps = x.shape[0], self.layer_norm_eps
+        out = np.empty((n, self.d_model), self.dtype)
+        sa_bo, ca_bo = self.self_attn.b_o, self.multihead_attn.b_o
         if self.norm_first:
-            x = x + sa(self._norm(x, "norm1"))
-            x = x + ca(self._norm(x, "norm2"))
-            x = x + self._ff(self._norm(x, "norm3"))
+            z = self._rows(n, "norm")
+            _add_norm(x, None, None, *self._norm_args("norm1"), eps, out=z)
+            y = sa(z)
+            _add_norm(x, y, sa_bo, *self._norm_args("norm2"), eps, sum_out=out, out=z)
+            y = ca(z)
+            _add_norm(out, y, ca_bo, *self._norm_args("norm3"), eps, sum_out=out, out=z)
+            f = self._ff_into(z, self._rows(n, "ff_out"))
+            _add_norm(out, f, self.b_2, None, None, eps, sum_out=out)
         else:
-            x = self._norm(x + sa(x), "norm1")
-            x = self._norm(x + ca(x), "norm2")
-            x = self._norm(x + self._ff(x), "norm3")
+            y = sa(x)
+            _add_norm(x, y, sa_bo, *self._norm_args("norm1"), eps, out=y)
+            y2 = ca(y)
+            _add_norm(y, y2, ca_bo, *self._norm_args("norm2"), eps, out=y2)
+            self._ff_into(y2, out)
+            _add_norm(y2, out, self.b_2, *self._norm_args("norm3"), eps, out=out)
+        return out
+
+
+def _rows_input(x: np.ndarray) -> np.ndarray:
+    """Token rows the native kernels read in place (C order); a copy only when needed."""
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _kpm(m, name: str, shape: tuple, batched: bool):
+    """A key padding mask checked against ``(B, L)`` (``(L,)`` unbatched), as ``(B, L)``."""
+    if m is None:
+        return None
+    a = _bool_mask(m, name)
+    want = shape if batched else shape[1:]
+    if a.shape != want:
+        raise ValueError(f"{name}: expected shape {want}, got {a.shape}")
+    return a.reshape(shape)
+
+
+def encoder_stack(
+    layers: Sequence[TransformerEncoderLayer], src, *, key_padding_mask=None, causal=False
+) -> np.ndarray:
+    """Run a stack of ``TransformerEncoderLayer`` on ``src (B, L, d_model)``, packed once.
+
+    With ``key_padding_mask`` (bool ``(B, L)``, True = real token) the real tokens are packed
+    before the first layer and unpacked after the last (padded positions 0), so no layer
+    touches padding and nothing is re-packed between layers; without it the layers run in
+    turn. Equal to ``for layer in layers: src = layer(src, key_padding_mask=..., causal=...)``.
+    """
+    layers = list(layers)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, TransformerEncoderLayer) or isinstance(
+            layer, TransformerDecoderLayer
+        ):
+            raise TypeError(f"layers: item {i} is not a TransformerEncoderLayer")
+    if not layers:
+        raise ValueError("layers: expected at least one layer")
+    x = layers[0]._input(src, "src")
+    if key_padding_mask is None:
+        for layer in layers:
+            x = layer(x, causal=causal)
         return x
+    batched = x.ndim == 3
+    x3 = x if batched else x[None]
+    packing = Packing(_kpm(key_padding_mask, "key_padding_mask", x3.shape[:2], batched))
+    y = packing.pack(x3)
+    for layer in layers:
+        y = layer.forward_packed(y, packing, causal=causal)
+    out = packing.unpack(y)
+    return out if batched else out[0]
