@@ -709,8 +709,10 @@ PyObject* attention_fastcall(PyObject*, PyObject* const* args, size_t nargsf,
         PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const std::invalid_argument& e) {
         PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const out_of_memory& e) {
+        PyErr_SetString(PyExc_MemoryError, e.what());
     } catch (const std::bad_alloc&) {
-        PyErr_NoMemory();
+        PyErr_SetString(PyExc_MemoryError, "attention: out of memory");
     } catch (const std::exception& e) {
         PyErr_SetString(PyExc_RuntimeError, e.what());
     }

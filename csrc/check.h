@@ -2,6 +2,7 @@
 // TypeError (mha::type_error) through the binding's exception translators.
 #pragma once
 
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -20,10 +21,22 @@ class interrupted : public std::runtime_error {
     interrupted() : std::runtime_error("attention: interrupted") {}
 };
 
-// Throws interrupted / std::bad_alloc. Defined out of line (dispatch.cpp) so the kernels,
-// compiled once per instruction set, never instantiate exception types themselves.
+// A native allocation failed (kernel scratch): a std::bad_alloc that says what and how much,
+// raised as MemoryError with that message. The message lives in the object (no allocation).
+class out_of_memory : public std::bad_alloc {
+   public:
+    explicit out_of_memory(long long bytes);
+    const char* what() const noexcept override { return message_; }
+
+   private:
+    char message_[160];
+};
+
+// Throws interrupted / out_of_memory (`bytes` = the size that could not be allocated). Defined
+// out of line (dispatch.cpp) so the kernels, compiled once per instruction set, never
+// instantiate exception types themselves.
 [[noreturn]] void throw_interrupted();
-[[noreturn]] void throw_bad_alloc();
+[[noreturn]] void throw_bad_alloc(long long bytes);
 
 namespace detail {
 template <typename... Args>

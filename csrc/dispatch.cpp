@@ -2,6 +2,7 @@
 // file that knows both backends (and the only #ifdef MHA_EXT_WITH_CUDA).
 #include "dispatch.h"
 
+#include <cstdio>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -20,7 +21,14 @@
 namespace mha {
 
 void throw_interrupted() { throw interrupted(); }
-void throw_bad_alloc() { throw std::bad_alloc(); }
+void throw_bad_alloc(long long bytes) { throw out_of_memory(bytes); }
+
+out_of_memory::out_of_memory(long long bytes) {
+    std::snprintf(message_, sizeof(message_),
+                  "attention: out of memory allocating %lld bytes of kernel scratch "
+                  "(the inputs and output were allocated; try smaller batches or fewer threads)",
+                  bytes);
+}
 
 void attention_forward(const AttentionParams& params) {
     check_params(params);
@@ -36,6 +44,8 @@ void attention_forward(const AttentionParams& params) {
 #endif
     }
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
+    // Dv = 0: the output is empty; only lse and weights need the scores.
+    if (params.head_dim_v == 0 && params.lse == nullptr && params.weights == nullptr) return;
     switch (params.device) {
         case Device::kCpu:
             if (params.naive) {

@@ -7,10 +7,51 @@
 #include "merge_params.h"
 
 #include <cmath>
+#include <limits>
 
 #include "check.h"
 
 namespace mha {
+namespace {
+
+constexpr double kFloat32LogitScale = 1.8446744073709552e19;  // 2^64
+
+// max |x| over a float64 tensor of sizes n (axes 0..3) and element strides s (axis 3: 1).
+double max_abs(const void* base, const int64_t (&n)[4], const int64_t (&s)[4]) {
+    const double* x = static_cast<const double*>(base);
+    double m = 0;
+    for (int64_t a = 0; a < n[0]; ++a) {
+        for (int64_t b = 0; b < n[1]; ++b) {
+            for (int64_t c = 0; c < n[2]; ++c) {
+                const double* row = x + a * s[0] + b * s[1] + c * s[2];
+                for (int64_t d = 0; d < n[3]; ++d) m = std::fmax(m, std::fabs(row[d]));
+            }
+        }
+    }
+    return m;
+}
+
+// An upper bound of |score| / |scale| over every (query, key) pair, before the bias.
+double score_bound(const AttentionParams& p) {
+    const double q = max_abs(p.q, {p.batch, p.num_heads_q, p.seqlen_q, p.head_dim},
+                             {p.q_stride_batch, p.q_stride_head, p.q_stride_seq, 1});
+    const double k = max_abs(p.k, {p.batch, p.num_heads_k, p.seqlen_k, p.head_dim_k},
+                             {p.k_stride_batch, p.k_stride_head, p.k_stride_seq, 1});
+    switch (p.score) {
+        case Score::kGeneral: {
+            const double w = max_abs(p.score_wq, {1, 1, p.head_dim, p.head_dim_k},
+                                     {0, 0, p.head_dim_k, 1});
+            return static_cast<double>(p.head_dim) * p.head_dim_k * q * w * k;
+        }
+        case Score::kAdditive:  // |w . tanh(...)| <= sum |w|
+            return static_cast<double>(p.score_dim) *
+                   max_abs(p.score_w, {1, 1, 1, p.score_dim}, {0, 0, 0, 1});
+        default:
+            return static_cast<double>(p.head_dim) * q * k;
+    }
+}
+
+}  // namespace
 
 const char* dtype_name(DType dtype) {
     switch (dtype) {
@@ -54,7 +95,7 @@ void check_params(const AttentionParams& p) {
     MHA_CHECK(std::isfinite(p.scale), "scale: must be finite, got ", p.scale);
     // Logits are accumulated in float32 for fp32/fp16/bf16 inputs: past 2^64 every non-tiny
     // logit overflows to inf and rows turn to NaN. Refuse rather than guess.
-    MHA_CHECK(dtype_accumulates_in_double(p.dtype) || std::fabs(p.scale) <= 1.8446744073709552e19,
+    MHA_CHECK(dtype_accumulates_in_double(p.dtype) || std::fabs(p.scale) <= kFloat32LogitScale,
               "scale: |", p.scale, "| > 2^64 overflows the float32 logits of ",
               dtype_name(p.dtype), " inputs; use float64 inputs for such scales");
     MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
@@ -86,6 +127,17 @@ void check_params(const AttentionParams& p) {
         MHA_CHECK(p.q != nullptr && p.out != nullptr, "attention: q and out must be given");
         MHA_CHECK(p.seqlen_k == 0 || (p.k != nullptr && p.v != nullptr),
                   "attention: k and v must be given");
+    }
+    // float64 logits: a scale beyond 2^64 is accepted only while no score can overflow to inf
+    // (an overflowed score would turn its row to NaN). The bound reads q and k once, on this
+    // rare path only: |scale| * D * max|q| * max|k| (dot; General and Additive likewise).
+    if (work && p.seqlen_k > 0 && dtype_accumulates_in_double(p.dtype) &&
+        std::fabs(p.scale) > kFloat32LogitScale) {
+        const double bound = std::fabs(p.scale) * score_bound(p);
+        MHA_CHECK(bound <= std::numeric_limits<double>::max(), "scale: |", p.scale,
+                  "| makes the float64 scores of these inputs overflow (|scale| * D * max|q| * "
+                  "max|k| = ", bound, " > 1.8e308), which would give NaN rows; use a smaller "
+                  "scale or rescale q / k");
     }
 }
 

@@ -5,6 +5,7 @@
 //   MHA_BOOL_SWITCH(cond, kName, [&] { f<kName>(); });
 //   MHA_DTYPE_SWITCH(dtype, HalfT, BF16T, T, A, [&] { f<T, A>(); });
 //       T: the storage type (HalfT / BF16T name the backend's 16-bit types), A: accum_t
+//   MHA_HALF_DTYPE_SWITCH(dtype, HalfT, BF16T, T, [&] { f<T>(); });   fp16 / bf16 only
 //   MHA_TC_HEAD_DIM_SWITCH(d, kHeadDim, [&] { f<kHeadDim>(); });   tensor-core head dims
 //
 // The body is a lambda called in each branch, so its return type is the switch's.
@@ -50,6 +51,19 @@
                 return __VA_ARGS__();                    \
             }                                            \
         }                                                \
+    }()
+
+// The 16-bit dtypes only (kernels that exist for fp16/bf16 alone, e.g. on tensor cores):
+// float16 -> HalfT, anything else -> BF16T (callers have already sent wider types elsewhere).
+#define MHA_HALF_DTYPE_SWITCH(dtype, HalfT, BF16T, T, ...) \
+    [&] {                                                  \
+        if ((dtype) == ::mha::DType::kFloat16) {           \
+            using T = HalfT;                               \
+            return __VA_ARGS__();                          \
+        } else {                                           \
+            using T = BF16T;                               \
+            return __VA_ARGS__();                          \
+        }                                                  \
     }()
 
 // The head dims the tensor-core CUDA kernel is instantiated for: max(D, Dv) is padded up to

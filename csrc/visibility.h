@@ -34,6 +34,18 @@ MHA_HD int64_t valid_keys(const AttentionParams& p, int64_t b) {
     return p.key_lengths != nullptr ? p.key_lengths[b] : p.seqlen_k;
 }
 
+// A flat query row (b * Hq + h) * Lq + i, the index of lse / weights rows, as (b, h, i) and
+// the key/value head hk it reads (grouped-query attention).
+struct RowCoords {
+    int64_t b, h, i, hk;
+};
+MHA_HD RowCoords row_coords(const AttentionParams& p, int64_t row) {
+    const int64_t i = row % p.seqlen_q;
+    const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
+    const int64_t b = row / (p.seqlen_q * p.num_heads_q);
+    return {b, h, i, h / (p.num_heads_q / p.num_heads_k)};
+}
+
 // Keys [lo, hi] of query row i (lk valid keys) through causal / window / key_lengths.
 MHA_HD KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lk) {
     const int64_t diag = i + (p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q);

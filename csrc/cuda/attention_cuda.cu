@@ -20,6 +20,7 @@
 
 #include "cuda/attention_cuda.h"
 #include "cuda/attention_kernels.cuh"
+#include "switch.h"
 
 namespace mha {
 
@@ -171,11 +172,10 @@ template <typename T, typename A>
 void run_simt(const AttentionParams& p, const cuda::SimtArgs<A>& args, int64_t num_splits,
               int64_t grid_x, size_t smem, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(num_splits));
-    if (p.score == Score::kAdditive) {
-        cuda::attention_simt_kernel<T, A, true><<<grid, kSimtWarps * 32, smem, stream>>>(p, args);
-    } else {
-        cuda::attention_simt_kernel<T, A, false><<<grid, kSimtWarps * 32, smem, stream>>>(p, args);
-    }
+    MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
+        cuda::attention_simt_kernel<T, A, kAdditive><<<grid, kSimtWarps * 32, smem, stream>>>(p,
+                                                                                          args);
+    });
     check_launch("the attention kernel");
 }
 
@@ -192,13 +192,10 @@ template <typename T, typename A>
 void run_weights(const AttentionParams& p, const cuda::SimtArgs<A>& args, const A* lse,
                  A* weights, int64_t grid_x, size_t smem, cudaStream_t stream) {
     const unsigned gx = static_cast<unsigned>(grid_x);
-    if (p.score == Score::kAdditive) {
-        cuda::attention_weights_kernel<T, A, true><<<gx, kSimtWarps * 32, smem, stream>>>(
+    MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
+        cuda::attention_weights_kernel<T, A, kAdditive><<<gx, kSimtWarps * 32, smem, stream>>>(
             p, args, lse, weights);
-    } else {
-        cuda::attention_weights_kernel<T, A, false><<<gx, kSimtWarps * 32, smem, stream>>>(
-            p, args, lse, weights);
-    }
+    });
     check_launch("the attention weights kernel");
 }
 
@@ -214,14 +211,36 @@ void run_project(const T* x, int64_t batch, int64_t heads, int64_t seq, int64_t 
     check_launch("the score projection kernel");
 }
 
+// What attention_forward_cuda decided for one call: where each device buffer lives in the
+// arena, which kernels run and their geometry. Filled on the host before anything launches.
+struct LaunchPlan {
+    Staged out;  // the output's staging (copied back at the end)
+    size_t off_qproj = 0, off_kproj = 0;  // score projections (General / Additive)
+    size_t off_lse = 0, off_weights = 0;  // lse (also for the weights pass), weights
+    size_t off_part = 0;                   // split-KV partials
+    size_t off_scratch = 0, off_wscratch = 0;  // per-warp scratch when shared memory is short
+    bool use_tc = false;   // the tensor-core kernel (fp16/bf16, dot score)
+    bool tc_vec = false;   // its rows are 16-byte aligned: cp.async
+    bool k_vec = false;    // the SIMT kernels read keys as 16-byte vectors
+    int64_t num_splits = 1, split_size = 1;  // split-KV geometry (SIMT path)
+    int64_t grid_x = 0, wgrid_x = 0;         // SIMT / weights grid
+    size_t simt_smem = 0, w_smem = 0;        // their dynamic shared memory (0: global scratch)
+};
+
 // Everything after staging, for one (storage type T, accumulation type A).
 template <typename T, typename A>
-void forward(const AttentionParams& hp, AttentionParams d, Arena& arena, const Staged& out_st,
-             size_t off_qproj, size_t off_kproj, size_t off_lse, size_t off_weights,
-             size_t off_part, size_t off_scratch, size_t off_wscratch, bool use_tc,
-             int64_t num_splits, int64_t split_size, int64_t grid_x, size_t simt_smem,
-             int64_t wgrid_x, size_t w_smem, bool tc_vec, bool k_vec, Events& ev) {
+void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
+             const LaunchPlan& plan, Events& ev) {
     const cudaStream_t stream = 0;
+    const Staged& out_st = plan.out;
+    const size_t off_qproj = plan.off_qproj, off_kproj = plan.off_kproj;
+    const size_t off_lse = plan.off_lse, off_weights = plan.off_weights;
+    const size_t off_part = plan.off_part, off_scratch = plan.off_scratch;
+    const size_t off_wscratch = plan.off_wscratch;
+    const bool use_tc = plan.use_tc, tc_vec = plan.tc_vec, k_vec = plan.k_vec;
+    const int64_t num_splits = plan.num_splits, split_size = plan.split_size;
+    const int64_t grid_x = plan.grid_x, wgrid_x = plan.wgrid_x;
+    const size_t simt_smem = plan.simt_smem, w_smem = plan.w_smem;
     const int64_t rows = hp.batch * hp.num_heads_q * hp.seqlen_q;
     const bool need_lse = hp.lse != nullptr || hp.weights != nullptr;
     A* lse = need_lse ? reinterpret_cast<A*>(arena.at(off_lse)) : nullptr;
@@ -491,34 +510,18 @@ void attention_forward_cuda(const AttentionParams& hp) {
     // An output with gaps between its rows: keep the host bytes of the gaps.
     if (o_st.used && o_span.count != B * Hq * Lq * Dv) upload(arena, o_st);
 
-    const size_t simt_smem = simt_in_smem ? simt_bytes : 0;
-    const size_t w_smem = w_in_smem ? w_bytes : 0;
-    switch (hp.dtype) {
-        case DType::kFloat32:
-            forward<float, float>(hp, d, arena, o_st, off_qproj, off_kproj, off_lse, off_weights,
-                                  off_part, off_scratch, off_wscratch, false, num_splits,
-                                  split_size, grid_x, simt_smem, wgrid_x, w_smem, false, k_vec,
-                                  ev);
-            break;
-        case DType::kFloat64:
-            forward<double, double>(hp, d, arena, o_st, off_qproj, off_kproj, off_lse,
-                                    off_weights, off_part, off_scratch, off_wscratch, false,
-                                    num_splits, split_size, grid_x, simt_smem, wgrid_x, w_smem,
-                                    false, k_vec, ev);
-            break;
-        case DType::kFloat16:
-            forward<__half, float>(hp, d, arena, o_st, off_qproj, off_kproj, off_lse,
-                                   off_weights, off_part, off_scratch, off_wscratch, use_tc,
-                                   num_splits, split_size, grid_x, simt_smem, wgrid_x, w_smem,
-                                   tc_vec, k_vec, ev);
-            break;
-        case DType::kBFloat16:
-            forward<__nv_bfloat16, float>(hp, d, arena, o_st, off_qproj, off_kproj, off_lse,
-                                          off_weights, off_part, off_scratch, off_wscratch,
-                                          use_tc, num_splits, split_size, grid_x, simt_smem,
-                                          wgrid_x, w_smem, tc_vec, k_vec, ev);
-            break;
-    }
+    LaunchPlan plan;
+    plan.out = o_st;
+    plan.off_qproj = off_qproj, plan.off_kproj = off_kproj;
+    plan.off_lse = off_lse, plan.off_weights = off_weights;
+    plan.off_part = off_part, plan.off_scratch = off_scratch, plan.off_wscratch = off_wscratch;
+    plan.use_tc = use_tc, plan.tc_vec = tc_vec, plan.k_vec = k_vec;
+    plan.num_splits = num_splits, plan.split_size = split_size;
+    plan.grid_x = grid_x, plan.wgrid_x = wgrid_x;
+    plan.simt_smem = simt_in_smem ? simt_bytes : 0;
+    plan.w_smem = w_in_smem ? w_bytes : 0;
+    MHA_DTYPE_SWITCH(hp.dtype, __half, __nv_bfloat16, T, A,
+                     [&] { forward<T, A>(hp, d, arena, plan, ev); });
 
     float h2d = 0.0f, kernels = 0.0f, d2h = 0.0f;
     check(cudaEventElapsedTime(&h2d, ev.e[0], ev.e[1]), "cudaEventElapsedTime");

@@ -21,7 +21,11 @@
 //                            again from q and k (no Lq x Lk buffer exists otherwise).
 //   project_rows_kernel      x W for General (q W, scale folded) and Additive (q W_q, k W_k).
 //
-// Conventions (those of the CPU kernel, csrc/cpu/attention_cpu_impl.inc): a row with no
+// Which keys a row sees (causal, window, key_lengths) is visible_keys() of csrc/visibility.h,
+// the rule the CPU kernels use too. Inline PTX and warp shuffles are the named functions of
+// cuda/ptx.cuh; no kernel here writes asm or __shfl itself.
+//
+// Conventions (those of the CPU kernel, csrc/cpu/attention_cpu_isa.cpp): a row with no
 // visible key has max = -inf; its output is defined as 0 and its lse as -inf. A NaN score in
 // a visible position poisons its row (output and lse NaN): the running max ignores NaN
 // (fmax) but exp(NaN - m) = NaN reaches the row sum. All offsets are 64-bit.
@@ -33,7 +37,9 @@
 
 #include <cstdint>
 
+#include "cuda/ptx.cuh"
 #include "params.h"
+#include "visibility.h"
 
 namespace mha {
 namespace cuda {
@@ -104,42 +110,6 @@ __device__ __forceinline__ float log_a(float x) { return logf(x); }
 __device__ __forceinline__ double log_a(double x) { return log(x); }
 __device__ __forceinline__ float tanh_a(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_a(double x) { return tanh(x); }
-
-template <typename A>
-__device__ __forceinline__ A warp_max(A x) {
-    // fmax ignores NaN: a NaN score does not become the max, it poisons the sum instead.
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-
-// ------------------------------------------------------------------------------------------
-// Which keys a query row may see before the bool mask (same rule as the CPU row_range).
-
-struct KeyRange {
-    int64_t lo;  // first visible key (inclusive)
-    int64_t hi;  // last visible key (inclusive); lo > hi: no key
-};
-
-__device__ __forceinline__ int64_t valid_keys(const AttentionParams& p, int64_t b) {
-    return p.key_lengths != nullptr ? p.key_lengths[b] : p.seqlen_k;
-}
-
-__device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int64_t i, int64_t lk) {
-    const int64_t off = p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q;
-    int64_t lo = 0;
-    int64_t hi = lk - 1;
-    if (p.causal != Causal::kNone) hi = min(hi, i + off);
-    if (p.window_right >= 0) hi = min(hi, i + off + p.window_right);
-    if (p.window_left >= 0) lo = max(lo, i + off - p.window_left);
-    return {lo, hi};
-}
 
 // ------------------------------------------------------------------------------------------
 // SIMT helpers shared by the forward and the weights kernels.
@@ -214,19 +184,16 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     A* qs = ws;              // (dqk)  query vector
     A* acc = ws + a.dqk;     // (head_dim_v) unnormalised output of this row
     const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
-    const int64_t group = p.num_heads_q / p.num_heads_k;
     const int split = blockIdx.y;
     const int num_splits = gridDim.y;
     const A ninf = neg_inf<A>();
 
     for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
          row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
-        const int64_t i = row % p.seqlen_q;
-        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
-        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
-        const int64_t hk = h / group;
+        const RowCoords rc = row_coords(p, row);
+        const int64_t b = rc.b, h = rc.h, i = rc.i, hk = rc.hk;
         const int64_t lk = valid_keys(p, b);
-        const KeyRange rr = key_range(p, i, lk);
+        const KeyRange rr = visible_keys(p, i, lk);
         // This chunk's keys: [j_lo, j_hi] within the row's visible interval.
         const int64_t j_lo = max(rr.lo, split * a.split_size);
         const int64_t j_hi = min(rr.hi, (split + 1) * a.split_size - 1);
@@ -271,11 +238,11 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
                 m = m_new;
                 for (int64_t d = lane; d < p.head_dim_v; d += 32) acc[d] *= alpha;
                 // Only visible keys are read: padding and hidden values never reach the row.
-                unsigned live = __ballot_sync(0xffffffffu, vis);
+                unsigned live = warp_ballot(vis);
                 while (live != 0) {
                     const int src = __ffs(live) - 1;
                     live &= live - 1;
-                    const A pb = __shfl_sync(0xffffffffu, pj, src);
+                    const A pb = warp_shfl(pj, src);
                     const T* vj = v + (j0 + src) * p.v_stride_seq;
                     for (int64_t d = lane; d < p.head_dim_v; d += 32) {
                         acc[d] += pb * static_cast<A>(to_accum(vj[d]));
@@ -317,9 +284,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     const A ninf = neg_inf<A>();
     for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
          row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
-        const int64_t i = row % p.seqlen_q;
-        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
-        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
+        const RowCoords rc = row_coords(p, row);
+        const int64_t b = rc.b, h = rc.h, i = rc.i;
         A mx = ninf;
         bool poison = false;
         for (int s = lane; s < num_splits; s += 32) {
@@ -328,7 +294,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
             mx = fmax(mx, x);
         }
         mx = warp_max(mx);
-        poison = __any_sync(0xffffffffu, poison);
+        poison = warp_any(poison);
         A total = 0;
         if (!poison && mx != ninf) {
             for (int s = lane; s < num_splits; s += 32) {
@@ -378,17 +344,14 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
                 ? a.scratch + (static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp) * a.dqk
                 : reinterpret_cast<A*>(smem_raw) + warp * a.dqk;
     const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
-    const int64_t group = p.num_heads_q / p.num_heads_k;
     const int64_t lk_all = p.seqlen_k;
     const A ninf = neg_inf<A>();
     for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
          row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
-        const int64_t i = row % p.seqlen_q;
-        const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
-        const int64_t b = row / (p.seqlen_q * p.num_heads_q);
-        const int64_t hk = h / group;
+        const RowCoords rc = row_coords(p, row);
+        const int64_t b = rc.b, h = rc.h, i = rc.i, hk = rc.hk;
         const int64_t lk = valid_keys(p, b);
-        const KeyRange rr = key_range(p, i, lk);
+        const KeyRange rr = visible_keys(p, i, lk);
         const A lse = lse_in[row];
         A* w = weights + row * lk_all;
         if (lse != lse) {
@@ -463,17 +426,14 @@ struct TcArgs {
     bool vec = false;      // q/k/v rows are 16-byte aligned: cp.async; else plain loads
 };
 
+// The mma.sync of one storage type (ptx.cuh) and the packing of two floats into its A operand.
 template <typename T>
 struct MmaOp;
 template <>
 struct MmaOp<__half> {
     static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
                                                uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_m16n8k16_f16(c, a, b0, b1);
     }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         const __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -484,42 +444,13 @@ template <>
 struct MmaOp<__nv_bfloat16> {
     static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
                                                uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_m16n8k16_bf16(c, a, b0, b1);
     }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
         return *reinterpret_cast<const uint32_t*>(&h);
     }
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes 16 zero bytes.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p))
-                 : "memory");
-}
 
 // Copy rows [0, n_rows) of a (rows x dim) tile into shared memory (row pitch kPitch
 // elements); source row r at src + r * stride; rows >= n_valid are written as zeros.
@@ -595,8 +526,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
     // Key interval of the block: the ranges are monotone in i, so the first row has the
     // smallest lo and the last row the largest hi.
-    const KeyRange first = key_range(p, m0, lk);
-    const KeyRange last = key_range(p, m_last, lk);
+    const KeyRange first = visible_keys(p, m0, lk);
+    const KeyRange last = visible_keys(p, m_last, lk);
     const int64_t j_begin = max(first.lo, int64_t(0));
     const int64_t j_end = min(last.hi + 1, lk);
     const int64_t n_tiles = j_end > j_begin ? (j_end - j_begin + kBlockN - 1) / kBlockN : 0;
@@ -611,7 +542,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     KeyRange rng[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        rng[r] = row_i[r] < Lq ? key_range(p, row_i[r], lk) : KeyRange{1, 0};
+        rng[r] = row_i[r] < Lq ? visible_keys(p, row_i[r], lk) : KeyRange{1, 0};
     }
     const uint8_t* mask_row[2] = {nullptr, nullptr};
     const float* bias_row[2] = {nullptr, nullptr};
@@ -734,8 +665,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             for (int nt = 0; nt < kTilesN; ++nt) {
                 mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
             }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = quad_max(mx);
             const float m_new = fmaxf(m_run[r], mx);
             // Nothing visible yet: subtract 0 (exp2(-inf) = 0, a NaN score stays NaN).
             const float m_use = m_new == ninf ? 0.0f : m_new;
@@ -788,8 +718,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        l = quad_sum(l);
         const int64_t i = row_i[r];
         if (i >= Lq) continue;
         const bool empty = l == 0.0f;

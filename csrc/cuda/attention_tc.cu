@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cuda/attention_kernels.cuh"
+#include "switch.h"
 
 namespace mha {
 namespace cuda {
@@ -34,24 +35,15 @@ void launch(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
     }
 }
 
-template <typename T>
-void launch_dtype(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
-    const int64_t d = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
-    if (d <= 64) {
-        launch<T, /*kHeadDim=*/64, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
-    } else {
-        launch<T, /*kHeadDim=*/128, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
-    }
-}
-
 }  // namespace
 
 void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
-    if (p.dtype == DType::kFloat16) {
-        launch_dtype<__half>(p, args, stream);
-    } else {
-        launch_dtype<__nv_bfloat16>(p, args, stream);
-    }
+    const int64_t d = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
+    MHA_HALF_DTYPE_SWITCH(p.dtype, __half, __nv_bfloat16, T, [&] {
+        MHA_TC_HEAD_DIM_SWITCH(d, kHeadDim, [&] {
+            launch<T, kHeadDim, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
+        });
+    });
 }
 
 }  // namespace cuda

@@ -43,7 +43,7 @@ class Scratch {
     U* take(int64_t n) {
         U* p = reinterpret_cast<U*>(data_ + used_);
         used_ += round_up(n * static_cast<int64_t>(sizeof(U)), 64);
-        if (used_ > bytes_) throw_bad_alloc();
+        if (used_ > bytes_) throw_bad_alloc(used_);
         return p;
     }
 
@@ -64,8 +64,22 @@ class Scratch {
     int64_t used_ = 0;
 };
 
+// Marks a per-thread cache as in use for its lifetime (when `claim` is true), exceptions too.
+class CacheClaim {
+   public:
+    CacheClaim(bool* busy, bool claim) : busy_(claim ? busy : nullptr) {
+        if (busy_ != nullptr) *busy_ = true;
+    }
+    ~CacheClaim() {
+        if (busy_ != nullptr) *busy_ = false;
+    }
+    CacheClaim(const CacheClaim&) = delete;
+    CacheClaim& operator=(const CacheClaim&) = delete;
 
-// The calling thread (OpenMP thread 0) asks the interrupt hook whether to stop.
+   private:
+    bool* busy_;
+};
+
 // The calling thread (OpenMP thread 0) asks the interrupt hook whether to stop.
 inline void poll_interrupt(const AttentionParams& p, int* stop) {
 #ifdef _OPENMP

@@ -14,7 +14,6 @@ namespace MHA_CPU_NS {
 
 template <typename T, typename A>
 void forward_naive(const AttentionParams& p) {
-    const int64_t group = p.num_heads_q / p.num_heads_k;
     const int64_t Lk = p.seqlen_k, dq = p.head_dim, dk = p.head_dim_k, dv = p.head_dim_v;
     const int64_t na = p.score == Score::kAdditive ? p.score_dim : 0;
     const A scale = static_cast<A>(p.scale);
@@ -43,10 +42,8 @@ void forward_naive(const AttentionParams& p) {
             stopped = stop;
             if (stopped != 0) continue;
             poll_interrupt(p, &stop);
-            const int64_t i = row % p.seqlen_q;
-            const int64_t h = (row / p.seqlen_q) % p.num_heads_q;
-            const int64_t b = row / (p.seqlen_q * p.num_heads_q);
-            const int64_t hk = h / group;
+            const RowCoords rc = row_coords(p, row);
+            const int64_t b = rc.b, h = rc.h, i = rc.i, hk = rc.hk;
             const int64_t lk = valid_keys(p, b);
             const KeyRange rr = visible_keys(p, i, lk);
             load_row(static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
@@ -141,7 +138,7 @@ void forward_naive(const AttentionParams& p) {
             }
         }
     }
-    if (stop == 2) throw_bad_alloc();
+    if (stop == 2) throw_bad_alloc(row_bytes);
     if (stop != 0) throw_interrupted();
 }
 

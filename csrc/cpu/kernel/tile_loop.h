@@ -360,7 +360,7 @@ struct Blocked : TileDims {
         }
         const int64_t n_weights = p.score == Score::kDot ? 0 : dq * max_of(dkp, dap) + dk * dap + dap;
         Scratch packed_buf(n_weights * static_cast<int64_t>(sizeof(A)));
-        if (!packed_buf.ok()) throw_bad_alloc();
+        if (!packed_buf.ok()) throw_bad_alloc(n_weights * static_cast<int64_t>(sizeof(A)));
         if (p.score != Score::kDot) {
             const int64_t n = n_weights;
             A* packed = packed_buf.take<A>(n);
@@ -407,10 +407,15 @@ struct Blocked : TileDims {
         };
         if (threads <= 1) {  // no OpenMP team at all: small calls stay cheap
             // Small calls reuse this thread's scratch instead of a malloc/free pair per call.
+            // A call that re-enters on this thread while the cache is in use (a Python signal
+            // handler run from the outer call's Ctrl-C poll) takes a fresh block instead.
             static thread_local Scratch cached(kCachedScratchBytes);
-            Scratch fresh(bytes <= kCachedScratchBytes ? 0 : bytes);
-            Scratch& scratch = bytes <= kCachedScratchBytes ? cached : fresh;
-            if (!scratch.ok()) throw_bad_alloc();
+            static thread_local bool cached_busy = false;
+            const bool use_cached = bytes <= kCachedScratchBytes && !cached_busy;
+            Scratch fresh(use_cached ? 0 : bytes);
+            Scratch& scratch = use_cached ? cached : fresh;
+            const CacheClaim claim(&cached_busy, use_cached);
+            if (!scratch.ok()) throw_bad_alloc(use_cached ? kCachedScratchBytes : bytes);
             scratch.reset();
             const TileBuffers<A> buf = carve<A>(scratch);
             for (int64_t t = 0; t < n_tasks && !stopped(); ++t) task(buf, t);
@@ -433,7 +438,7 @@ struct Blocked : TileDims {
                 task(buf, t);
             }
         }
-        if (failed) throw_bad_alloc();
+        if (failed) throw_bad_alloc(bytes);
         if (stop != 0) throw_interrupted();
     }
 };
