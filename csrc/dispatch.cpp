@@ -9,6 +9,7 @@
 #include "check.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/s2_cpu.h"
+#include "runtime.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
 #endif
@@ -78,12 +79,14 @@ void attention_forward(const AttentionParams& params) {
 #endif
     }
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
+    AttentionParams cpu = params;  // with a thread count the machine can run (runtime.h)
+    if (params.device == Device::kCpu) cpu.num_threads = resolve_threads(params.num_threads);
     switch (params.device) {
         case Device::kCpu:
             if (params.naive) {
-                attention_forward_cpu_naive(params);
+                attention_forward_cpu_naive(cpu);
             } else {
-                attention_forward_cpu(params);
+                attention_forward_cpu(cpu);
             }
             return;
         case Device::kCuda:
@@ -99,12 +102,16 @@ void attention_forward(const AttentionParams& params) {
 
 void s2_branch_sum(const S2Params& params) {
     s2_check_params(params);
-    s2_branch_sum_cpu(params);
+    S2Params cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    s2_branch_sum_cpu(cpu);
 }
 
 void s2_combine(const S2Params& params) {
     s2_check_params(params);
-    s2_combine_cpu(params);
+    S2Params cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    s2_combine_cpu(cpu);
 }
 
 bool cuda_available() {
