@@ -13,16 +13,18 @@ import os as _os
 # "Threads and processes"). Two settings are made for that moment only, then the environment
 # and the importing thread's CPU affinity are put back, so children and other libraries see
 # exactly what the user set:
-# - a short spin (GOMP_SPINCOUNT) unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already set:
-#   libgomp's default lets idle workers spin ~300,000 pause instructions (milliseconds) after
-#   every call, time that NumPy's BLAS threads need between attention calls;
+# - OMP_WAIT_POLICY=passive unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already set: by
+#   default libgomp's idle workers spin ~300,000 pause instructions (milliseconds) after every
+#   parallel region, time that NumPy's BLAS threads (and other processes) need between
+#   attention calls; passive workers sleep at once and cost a wake-up at the next call
+#   (benchmarks/bench_threads.py measures both);
 # - OMP_PROC_BIND=true makes libgomp pin the loading thread to the first place at load, which
 #   every later thread and subprocess would inherit: the affinity is restored (the OpenMP
 #   workers are still bound as asked).
 _set_env = []
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["GOMP_SPINCOUNT"] = "10000"
-    _set_env.append("GOMP_SPINCOUNT")
+    _os.environ["OMP_WAIT_POLICY"] = "passive"
+    _set_env.append("OMP_WAIT_POLICY")
 _affinity = _os.sched_getaffinity(0) if hasattr(_os, "sched_getaffinity") else None
 try:
     from . import _core
