@@ -27,6 +27,7 @@ everything: all usable CPUs unless --threads):
   handed back before each fork) against one without.
 
 Run:  python benchmarks/bench_threads.py [--rounds 5] [--before /path/to/old/site] [--quick]
+      [--variants passive,before,...]
 Writes benchmarks/results/<machine>/threads.{json,md,png}.
 """
 
@@ -207,7 +208,11 @@ def write_markdown(res: dict, path: Path) -> None:
         "Times in microseconds (median over rounds of per-process medians). Ratios are to "
         "`passive` (OMP_WAIT_POLICY=passive).",
         "",
-        "| measurement | " + " | ".join(names) + " | " + " | ".join(f"{n} / passive" for n in names) + " |",
+        "| measurement | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} / passive" for n in names)
+        + " |",
         "|---" * (1 + 2 * len(names)) + "|",
     ]
     for key in res["keys"]:
@@ -258,6 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--before", help="site directory of an older mha_ext build (A/B)")
+    ap.add_argument("--variants", help="comma-separated subset of the variants to run")
     ap.add_argument("--quick", action="store_true", help="2 rounds x 5 reps, no files written")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "intel-xeon-avx512-amx")
     args = ap.parse_args(argv)
@@ -269,6 +275,12 @@ def main(argv=None) -> int:
     variants = {n: (env, None) for n, env in VARIANTS.items()}
     if args.before:
         variants["before"] = ({}, args.before)
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = sorted(set(wanted) - set(variants))
+        if unknown or "passive" not in wanted:
+            ap.error(f"--variants: unknown {unknown} (known: {list(variants)}); include passive")
+        variants = {n: variants[n] for n in wanted}
     runs: dict = {n: [] for n in variants}
     build = None
     load = [round(x, 2) for x in os.getloadavg()]

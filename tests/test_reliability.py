@@ -267,7 +267,7 @@ def test_import_with_proc_bind_starts_no_threads_and_binds_nothing():
     assert "OK" in _run([sys.executable, "-c", textwrap.dedent(script)], env, 30)
 
 
-# --- 8. load_torch is atomic, torch.set_num_threads -------------------------------------------------
+# --- 8. load_torch is atomic, torch.set_num_threads ---------------------------------------------
 
 
 def _state(layer) -> dict:
