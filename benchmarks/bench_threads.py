@@ -304,7 +304,8 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "reps": args.reps,
         "load_average": load,
-        "variants": {n: {"env": variants[n][0], "pythonpath": variants[n][1]} for n in names},
+        "variants": {n: {"env": variants[n][0], "older_build": variants[n][1] is not None}
+                     for n in names},
         "keys": keys,
         "median_us": median,
         "runs_us": runs,
