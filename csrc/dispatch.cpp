@@ -11,6 +11,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/merge_cpu.h"
 #include "cpu/nn_cpu.h"
+#include "runtime.h"
 #ifdef MHA_EXT_WITH_CUDA
 #include "cuda/attention_cuda.h"
 #endif
@@ -46,12 +47,14 @@ void attention_forward(const AttentionParams& params) {
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
     // Dv = 0: the output is empty; only lse and weights need the scores.
     if (params.head_dim_v == 0 && params.lse == nullptr && params.weights == nullptr) return;
+    AttentionParams cpu = params;  // with a thread count the machine can run (runtime.h)
+    if (params.device == Device::kCpu) cpu.num_threads = resolve_threads(params.num_threads);
     switch (params.device) {
         case Device::kCpu:
             if (params.naive) {
-                attention_forward_cpu_naive(params);
+                attention_forward_cpu_naive(cpu);
             } else {
-                attention_forward_cpu(params);
+                attention_forward_cpu(cpu);
             }
             return;
         case Device::kCuda:
@@ -68,11 +71,23 @@ void attention_forward(const AttentionParams& params) {
 void merge_forward(const MergeParams& params) {
     check_merge_params(params);
     if (params.batch == 0 || params.num_heads == 0 || params.seqlen == 0) return;
-    merge_cpu(params);
+    MergeParams cpu = params;  // with a thread count the machine can run (runtime.h)
+    cpu.num_threads = resolve_threads(params.num_threads);
+    merge_cpu(cpu);
 }
 
-void bias_act(const BiasActParams& params) { bias_act_cpu(params); }
-void add_norm(const AddNormParams& params) { add_norm_cpu(params); }
+void bias_act(const BiasActParams& params) {
+    BiasActParams cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    bias_act_cpu(cpu);
+}
+
+void add_norm(const AddNormParams& params) {
+    AddNormParams cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    add_norm_cpu(cpu);
+}
+
 const char* nn_simd() { return nn_simd_cpu(); }
 
 bool cuda_available() {

@@ -367,9 +367,15 @@ class MultiHeadAttention(_Scratch):
         may attend / real token). A PyTorch float ``attn_mask`` is passed as ``attn_bias=``.
         """
         sd = _state_dict(state_dict)
-        used: set = set()
-        self._load_torch(sd, "", used)
-        _check_unused(sd, used)
+        saved = dict(vars(self))  # all or nothing: a bad key leaves the layer as it was
+        try:
+            used: set = set()
+            self._load_torch(sd, "", used)
+            _check_unused(sd, used)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
         return self
 
     def _load_torch(self, sd: Mapping, prefix: str, used: set) -> None:
@@ -1009,9 +1015,23 @@ class TransformerEncoderLayer(_Scratch):
         the module's.
         """
         sd = _state_dict(state_dict)
-        used: set = set()
-        for name in self._ATTNS:
-            getattr(self, name)._load_torch(sd, name + ".", used)
+        # All or nothing: the attention sub-layers are filled first, so a bad key further on
+        # must put them back as they were.
+        saved = {name: dict(vars(getattr(self, name))) for name in self._ATTNS}
+        try:
+            used: set = set()
+            for name in self._ATTNS:
+                getattr(self, name)._load_torch(sd, name + ".", used)
+            self._load_torch_rest(sd, used)
+        except BaseException:
+            for name, attrs in saved.items():
+                vars(getattr(self, name)).clear()
+                vars(getattr(self, name)).update(attrs)
+            raise
+        return self
+
+    def _load_torch_rest(self, sd: Mapping, used: set) -> None:
+        # Everything but the attention sub-layers; assigns only after every key was checked.
         d, f, dt = self.d_model, self.dim_feedforward, self.dtype
         w_1 = _take(sd, "linear1.weight", (f, d), dt, used).T
         w_2 = _take(sd, "linear2.weight", (d, f), dt, used).T
@@ -1033,7 +1053,6 @@ class TransformerEncoderLayer(_Scratch):
         for name in self._NORMS:
             setattr(self, name + "_weight", norms[name])
             setattr(self, name + "_bias", got.get(name + ".bias"))
-        return self
 
 
 class TransformerDecoderLayer(TransformerEncoderLayer):
