@@ -21,6 +21,7 @@ constexpr int64_t kBlockQ = MHA_CPU_BLOCK_Q;  // query rows per task: a multiple
 constexpr int64_t kShortQueries = 1024;  // up to this many queries, tasks take kBlockQ / 2 rows
 constexpr int64_t kPackQueries = 16;  // GQA: up to this many queries, a group is one task
 constexpr int64_t kGemvRows = 2;  // tasks with at most this many queries take the GEMV path
+constexpr int64_t kPackGemvRows = 8;  // the same for a packed GQA group (tile_loop.h)
 constexpr double kSerialFlops = 4e6;  // below this (~50 us on one core) stay on one thread
 constexpr int64_t kCachedScratchBytes = 256 << 10;  // per-thread scratch kept between calls
 constexpr int64_t kBlockK = MHA_CPU_BLOCK_K;  // keys per tile: P^T and a V panel fit L1

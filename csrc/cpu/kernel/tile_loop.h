@@ -72,6 +72,11 @@ struct Blocked : TileDims {
           direct_v(like.direct_v), q_tile(like.q_tile), scale(like.scale), w_q(like.w_q),
           w_k(like.w_k), w_vec(like.w_vec), pack(like.pack) {}
 
+    // Tasks with at most this many rows take the GEMV / streaming P.V path. A packed decode
+    // group (a few rows over one K/V head) is memory bound: its rows re-read each K/V tile
+    // from L1 instead of padding a GEMM tile to whole vectors.
+    int64_t gemv_rows() const { return pack ? kPackGemvRows : kGemvRows; }
+
     // Query head and row of task row v (see pack).
     void row_of(int64_t h, int64_t v, int64_t* hq, int64_t* i) const {
         if (pack) {
@@ -186,7 +191,7 @@ struct Blocked : TileDims {
                 }
                 for (int64_t r = max_of(nq, c0); r < c1; ++r) st[j * nqc + r] = 0;
             }
-        } else if (nq <= kGemvRows) {
+        } else if (nq <= gemv_rows()) {
             scores_gemv(buf, nq, nqc, nk, k_rows, ldk);
         } else if (blk.inside) {
             gemm<A, false>(nk, c1 - c0, dk, k_rows, ldk, 1, buf.qt + c0, nqc, st + c0, nqc);
@@ -323,7 +328,7 @@ struct Blocked : TileDims {
             const int64_t r0 = blk.c0, nr = min_of(blk.c1, nq) - blk.c0;
             if (hidden && !all_finite(v_rows, nk, ldv, dvp)) {
                 pv_skip_zero(buf, r0, nr, nqc, nk, v_rows, ldv, dvp);
-            } else if (nr <= kGemvRows) {
+            } else if (nr <= gemv_rows()) {
                 pv_stream(buf, r0, nr, nqc, nk, v_rows, ldv, dvp);
             } else if (blk.inside) {
                 gemm<A, true>(nr, dvp, nk, buf.st + r0, 1, nqc, v_rows, ldv,
