@@ -210,7 +210,12 @@ def _window(window):
         elif isinstance(x, bool) or not hasattr(x, "__index__"):
             raise TypeError(f"window: {name} must be an int or None, got {x!r}")
         else:
-            out.append(x.__index__())
+            x = x.__index__()
+            if not -(2**63) <= x < 2**63:
+                raise ValueError(
+                    f"window: {name} = {x} does not fit int64; use -1 or None for unbounded"
+                )
+            out.append(x)
     return out[0], out[1]
 
 
