@@ -73,7 +73,7 @@ void bias_and_hide(const AttentionParams& p, const TileBuffers<A>& buf, const Ti
             }
         }
     }
-    if (p.alibi_slopes != nullptr) {  // -slope * |diag - j|, the distance exact in int64
+    if (p.alibi_slopes != nullptr) {  // -slope * |diag - j|, diag - j0 formed in int64
         for (int64_t r = c0; r < r_end; ++r) buf.alibi_rel[r] = static_cast<A>(buf.diag[r] - j0);
         for (int64_t j = 0; j < nk; ++j) {
             A* sj = st + j * nqc;
