@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -253,7 +254,7 @@ py::array as_accum(const py::handle& obj, bool dbl, const char* name) {
 #define MHA_ATTENTION_ARGS(X)                                                                \
     X(q) X(k) X(v) X(mask) X(bias) X(causal) X(window_left) X(window_right) X(key_lengths)  \
     X(scale) X(score) X(score_wq) X(score_wk) X(score_w) X(return_weights) X(return_lse)    \
-    X(blhd) X(device) X(num_threads) X(out) X(naive)
+    X(blhd) X(device) X(num_threads) X(out) X(naive) X(alibi_slopes) X(softcap)
 
 enum ArgSlot : int {
 #define MHA_ARG_SLOT(name) kArg_##name,
@@ -319,7 +320,7 @@ struct AttentionArgs {
 struct Inputs {
     py::array q = no_array(), k = no_array(), v = no_array();
     py::array wq = no_array(), wk = no_array(), wv = no_array();
-    py::array mask = no_array(), bias = no_array();
+    py::array mask = no_array(), bias = no_array(), alibi = no_array();
     py::array key_lengths = no_array();  // the caller's array (for the overlap check of out)
     // key_lengths decide which memory the kernel reads: the kernel reads this private copy,
     // made before check_params() looks at it, so another thread writing the caller's array
@@ -511,6 +512,41 @@ void fill_masks(AttentionParams& p, Inputs& in, const QkvShape& s, py::handle ma
     }
 }
 
+// ALiBi slopes (Hq,) or (B, Hq) as accum_t, and the softcap (None -> 0, off).
+void fill_alibi_softcap(AttentionParams& p, Inputs& in, const QkvShape& s, py::handle alibi,
+                        py::handle softcap) {
+    if (!alibi.is_none()) {
+        py::array raw = py::array::ensure(alibi);
+        MHA_CHECK_TYPE(raw && (raw.dtype().kind() == 'f' || raw.dtype().kind() == 'i' ||
+                               raw.dtype().kind() == 'u' || is_bfloat16(raw.dtype())),
+                       "alibi_slopes: expected a float array of shape (Hq,) or (B, Hq), got "
+                       "dtype ",
+                       raw ? dtype_name(raw) : std::string("object"));
+        const int64_t B = s.Q.b, H = s.Q.h;
+        const bool one = raw.ndim() == 1 && raw.shape(0) == H;
+        const bool per_batch = raw.ndim() == 2 && raw.shape(0) == B && raw.shape(1) == H;
+        MHA_CHECK(one || per_batch, "alibi_slopes: expected shape (Hq,) = (", H,
+                  ",) or (B, Hq) = (", B, ", ", H, "), got ", shape_str(raw));
+        in.alibi = as_accum(raw, dtype_accumulates_in_double(p.dtype), "alibi_slopes");
+        p.alibi_slopes = in.alibi.data();
+        p.alibi_stride_batch = per_batch && B > 1 ? H : 0;
+    }
+    if (!softcap.is_none()) {
+        double cap;
+        try {
+            MHA_CHECK_TYPE(!PyBool_Check(softcap.ptr()), "softcap: expected a float > 0 or None");
+            cap = softcap.cast<double>();
+        } catch (const py::cast_error&) {
+            throw type_error(detail::concat(
+                "softcap: expected a float > 0 or None, got ",
+                std::string(py::str(py::type::of(softcap).attr("__name__")))));
+        }
+        // 0 would read as "off" in the struct: refuse it here, in check_params' words.
+        MHA_CHECK(cap != 0, "softcap: expected a finite float > 0 (or None), got ", cap);
+        p.softcap = cap;
+    }
+}
+
 // The output array: new, or the caller's `out` (checked: dtype, shape, layout, no overlap).
 py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::handle out) {
     const std::vector<int64_t> out_shape =
@@ -547,7 +583,8 @@ py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::
         MHA_CHECK(result.writeable(), "out: must be writeable");
         MHA_CHECK(!overlaps(result, in.q) && !overlaps(result, in.k) && !overlaps(result, in.v),
                   "out: must not share memory with q, k or v");
-        for (const py::array* a : {&in.mask, &in.bias, &in.key_lengths, &in.wq, &in.wk, &in.wv}) {
+        for (const py::array* a :
+             {&in.mask, &in.bias, &in.key_lengths, &in.wq, &in.wk, &in.wv, &in.alibi}) {
             MHA_CHECK(!*a || !overlaps(result, *a),
                       "out: must not share memory with mask, bias, key_lengths or score weights");
         }
@@ -612,6 +649,7 @@ py::object attention(const AttentionArgs& a) {
                a.obj(kArg_score_wq), a.obj(kArg_score_wk), a.obj(kArg_score_w),
                a.obj(kArg_scale));
     fill_masks(p, in, s, a.obj(kArg_mask), a.obj(kArg_bias), a.obj(kArg_key_lengths));
+    fill_alibi_softcap(p, in, s, a.obj(kArg_alibi_slopes), a.obj(kArg_softcap));
     p.causal = static_cast<Causal>(a.code(kArg_causal, static_cast<int32_t>(Causal::kNone)));
     p.window_left = a.integer(kArg_window_left, -1);
     p.window_right = a.integer(kArg_window_right, -1);
@@ -633,6 +671,228 @@ py::object attention(const AttentionArgs& a) {
     if (return_weights) t[i++] = weights;
     if (return_lse) t[i++] = lse;
     return std::move(t);
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_varlen and attention_kvcache (SPEC 6.2, 6.3): the same fillers, plus snapshots of
+// the integer arrays that decide which memory the kernel reads (cu_seqlens, cache_seqlens,
+// block_table): copied before any check, so another thread writing the caller's array while
+// the GIL is released cannot move what was checked.
+
+// A 1-D int32 / int64 array as int64 values (a copy). expected < 0: any length >= 1.
+std::vector<int64_t> int_snapshot(py::handle obj, const char* name, const char* what,
+                                  int64_t expected) {
+    MHA_CHECK_TYPE(!obj.is_none(), name, ": expected an int32 or int64 array ", what);
+    py::array raw = py::array::ensure(obj);
+    MHA_CHECK_TYPE(raw && raw.dtype().kind() == 'i' &&
+                       (raw.itemsize() == 4 || raw.itemsize() == 8),
+                   name, ": expected an int32 or int64 array ", what, ", got dtype ",
+                   raw ? dtype_name(raw) : std::string(py::str(py::type::of(obj).attr("__name__"))));
+    MHA_CHECK(raw.ndim() == 1 && (expected < 0 ? raw.shape(0) >= 1 : raw.shape(0) == expected),
+              name, ": expected shape ", what, ", got ", shape_str(raw));
+    const py::array conv = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(
+        native_byte_order(raw));
+    const int64_t* src = static_cast<const int64_t*>(conv.data());
+    return std::vector<int64_t>(src, src + raw.shape(0));
+}
+
+// Runs `call` with the GIL released, polling Ctrl-C from the main thread on long calls.
+template <typename Call>
+void run_released_call(AttentionParams& p, double work, const Call& call) {
+    InterruptPoll poll;
+    if (work > 1e7 && PyThread_get_thread_ident() == main_thread_ident()) {
+        p.interrupt_check = &poll_python_signals;
+        p.interrupt_ctx = &poll;
+    }
+    bool stopped = false;
+    {
+        py::gil_scoped_release release;
+        try {
+            call();
+        } catch (const interrupted&) {
+            stopped = true;
+        }
+    }
+    if (stopped) {
+        if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+        throw std::runtime_error("attention: interrupted");
+    }
+}
+
+py::array lse_array(const AttentionParams& p, std::vector<int64_t> shape) {
+    py::array lse(dtype_accumulates_in_double(p.dtype) ? py::dtype::of<double>()
+                                                       : py::dtype::of<float>(),
+                  shape);
+    return lse;
+}
+
+py::object attention_varlen(py::handle q, py::handle k, py::handle v, py::handle cu_q,
+                            py::handle cu_k, int causal, int64_t window_left,
+                            int64_t window_right, py::handle scale, long long score,
+                            py::handle wq, py::handle wk, py::handle w, py::handle alibi,
+                            py::handle softcap, bool return_lse, int device,
+                            py::handle num_threads, py::handle out) {
+    // Snapshots first: nothing below reads the caller's cu_seqlens again.
+    std::vector<int64_t> cq = int_snapshot(cu_q, "cu_seqlens_q", "(B + 1,)", -1);
+    std::vector<int64_t> ck = int_snapshot(cu_k, "cu_seqlens_k", "(B + 1,)", -1);
+    MHA_CHECK(ck.size() == cq.size(), "cu_seqlens_k: expected shape (B + 1,) = (", cq.size(),
+              ",) like cu_seqlens_q, got (", ck.size(), ",)");
+    py::array qa = py::array::ensure(q), ka = py::array::ensure(k), va = py::array::ensure(v);
+    MHA_CHECK_TYPE(qa && ka && va, "q, k, v: expected NumPy arrays");
+    MHA_CHECK(qa.ndim() == 3, "q: expected 3 dimensions (total_q, Hq, D), got shape ",
+              shape_str(qa));
+    MHA_CHECK(ka.ndim() == 3, "k: expected 3 dimensions (total_k, Hk, D), got shape ",
+              shape_str(ka));
+    MHA_CHECK(va.ndim() == 3, "v: expected 3 dimensions (total_k, Hk, Dv), got shape ",
+              shape_str(va));
+    VarlenParams p{};
+    Inputs in;
+    QkvShape s = fill_qkv(p, in, qa, ka, va, /*blhd=*/true);
+    const int64_t nseq = static_cast<int64_t>(cq.size()) - 1;
+    fill_score(p, in, s, score, wq, wk, w, scale);
+    QkvShape per_seq = s;  // ALiBi's (B, Hq) counts sequences
+    per_seq.Q.b = nseq;
+    fill_alibi_softcap(p, in, per_seq, alibi, softcap);
+    p.causal = static_cast<Causal>(causal);
+    p.window_left = window_left;
+    p.window_right = window_right;
+    p.device = static_cast<Device>(device);
+    p.num_threads = parse_num_threads(num_threads);
+    py::array result = fill_out(p, in, s, out);
+    p.total_q = s.Q.l;
+    p.total_k = s.K.l;
+    int64_t longest_q = 0, longest_k = 0;
+    for (int64_t b = 0; b < nseq; ++b) {
+        longest_q = std::max(longest_q, cq[b + 1] - cq[b]);
+        longest_k = std::max(longest_k, ck[b + 1] - ck[b]);
+    }
+    p.batch = nseq;
+    p.seqlen_q = longest_q;
+    p.seqlen_k = longest_k;
+    p.q_stride_batch = p.k_stride_batch = p.v_stride_batch = p.out_stride_batch = 0;
+    p.cu_seqlens_q = cq.data();
+    p.cu_seqlens_k = ck.data();
+    py::array lse = no_array();
+    if (return_lse) {
+        lse = lse_array(p, {s.Q.h, s.Q.l});
+        p.lse = lse.mutable_data();
+        p.lse_stride_head = s.Q.l;
+    }
+    double work = 0;
+    for (int64_t b = 0; b < nseq; ++b) {
+        work += 2.0 * static_cast<double>(cq[b + 1] - cq[b]) * static_cast<double>(ck[b + 1] - ck[b]);
+    }
+    work *= static_cast<double>(p.num_heads_q) * (p.head_dim_k + p.head_dim_v);
+    run_released_call(p, work, [&] { attention_varlen_forward(p); });
+    if (!return_lse) return std::move(result);
+    return py::make_tuple(result, lse);
+}
+
+py::object attention_kvcache(py::handle q, py::handle k_cache, py::handle v_cache,
+                             py::handle cache_seqlens, py::handle block_table, int causal,
+                             int64_t window_left, int64_t window_right, py::handle scale,
+                             py::handle alibi, py::handle softcap, bool return_lse,
+                             py::handle num_splits, int device, py::handle num_threads) {
+    py::array qa = py::array::ensure(q), ka = py::array::ensure(k_cache),
+              va = py::array::ensure(v_cache);
+    MHA_CHECK_TYPE(qa && ka && va, "q, k_cache, v_cache: expected NumPy arrays");
+    MHA_CHECK(qa.ndim() == 4, "q: expected 4 dimensions (B, Lq, Hq, D), got shape ",
+              shape_str(qa));
+    const bool paged = !block_table.is_none();
+    const char* kshape = paged ? "(num_blocks, block_size, Hk, D)" : "(B, Lmax, Hk, D)";
+    MHA_CHECK(ka.ndim() == 4, "k_cache: expected 4 dimensions ", kshape, ", got shape ",
+              shape_str(ka));
+    MHA_CHECK(va.ndim() == 4, "v_cache: expected 4 dimensions ", kshape, ", got shape ",
+              shape_str(va));
+    const int64_t B = qa.shape(0);
+    std::vector<int64_t> seqlens = int_snapshot(cache_seqlens, "cache_seqlens", "(B,)", B);
+    std::vector<int32_t> table;
+    int64_t max_blocks = 0;
+    if (paged) {  // the snapshot comes before any check
+        py::array raw = py::array::ensure(block_table);
+        MHA_CHECK_TYPE(raw && raw.dtype().kind() == 'i' && raw.itemsize() == 4,
+                       "block_table: expected an int32 array (B, max_blocks), got dtype ",
+                       raw ? dtype_name(raw) : std::string("object"));
+        MHA_CHECK(raw.ndim() == 2 && raw.shape(0) == B,
+                  "block_table: expected shape (B, max_blocks) with B = ", B, ", got ",
+                  shape_str(raw));
+        const py::array conv =
+            py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(
+                native_byte_order(raw));
+        const int32_t* src = static_cast<const int32_t*>(conv.data());
+        table.assign(src, src + raw.size());
+        max_blocks = raw.shape(1);
+    }
+    KvcacheParams p{};
+    Inputs in;
+    QkvShape s;
+    if (!paged) {
+        s = fill_qkv(p, in, qa, ka, va, /*blhd=*/true);
+    } else {
+        s = fill_qkv(p, in, qa, qa, qa, /*blhd=*/true);  // q's geometry; the pools below
+        py::array kn = native_byte_order(ka), vn = native_byte_order(va);
+        DType kt, vt;
+        MHA_CHECK_TYPE(classify(kn, &kt) && classify(vn, &vt) && kt == p.dtype && vt == p.dtype,
+                       "q, k_cache, v_cache must share one floating dtype; got q ",
+                       dtype_name(qa), ", k_cache ", dtype_name(ka), ", v_cache ",
+                       dtype_name(va));
+        for (int ax = 0; ax < 3; ++ax) {
+            MHA_CHECK(vn.shape(ax) == kn.shape(ax), "v_cache: shape ", shape_str(vn),
+                      " must match k_cache's ", shape_str(kn), " but for the last axis");
+        }
+        in.k = fast_path_view(kn);
+        in.v = fast_path_view(vn);
+        const py::ssize_t item = in.k.itemsize();
+        p.k = in.k.data();
+        p.v = in.v.data();
+        p.num_heads_k = in.k.shape(2);
+        p.head_dim_k = in.k.shape(3);
+        p.head_dim_v = in.v.shape(3);
+        p.k_stride_block = elem_stride(in.k, 0, item);
+        p.k_stride_seq = elem_stride(in.k, 1, item);
+        p.k_stride_head = elem_stride(in.k, 2, item);
+        p.v_stride_block = elem_stride(in.v, 0, item);
+        p.v_stride_seq = elem_stride(in.v, 1, item);
+        p.v_stride_head = elem_stride(in.v, 2, item);
+        p.k_stride_batch = p.v_stride_batch = 0;
+        p.num_blocks = in.k.shape(0);
+        p.block_size = in.k.shape(1);
+        p.max_blocks = max_blocks;
+        p.block_table_stride = max_blocks;
+        p.block_table = table.data();
+        p.seqlen_k = max_blocks * p.block_size;
+        s.K.h = p.num_heads_k, s.K.d = p.head_dim_k, s.K.l = p.seqlen_k;
+        s.V.h = p.num_heads_k, s.V.d = p.head_dim_v, s.V.l = p.seqlen_k;
+    }
+    fill_score(p, in, s, static_cast<long long>(ScoreKind::kScaledDot), py::none(), py::none(),
+               py::none(), scale);
+    fill_alibi_softcap(p, in, s, alibi, softcap);
+    in.key_lengths_copy = std::move(seqlens);
+    p.key_lengths = in.key_lengths_copy.data();
+    p.causal = static_cast<Causal>(causal);
+    p.window_left = window_left;
+    p.window_right = window_right;
+    p.device = static_cast<Device>(device);
+    p.num_threads = parse_num_threads(num_threads);
+    if (!num_splits.is_none()) {
+        MHA_CHECK_TYPE(!PyBool_Check(num_splits.ptr()) && PyLong_Check(num_splits.ptr()),
+                       "num_splits: expected None or an int >= 1");
+        const long long n = num_splits.cast<long long>();
+        MHA_CHECK(n >= 1, "num_splits: expected None or an int >= 1, got ", n);
+        p.num_splits = n;
+    }
+    py::array result = fill_out(p, in, s, py::none());
+    py::array lse = no_array();
+    if (return_lse) {
+        lse = lse_array(p, {s.Q.b, s.Q.h, s.Q.l});
+        p.lse = lse.mutable_data();
+    }
+    double work = 0;
+    for (int64_t b = 0; b < B; ++b) work += static_cast<double>(p.key_lengths[b]);
+    work *= 2.0 * static_cast<double>(p.num_heads_q) * p.seqlen_q * (p.head_dim_k + p.head_dim_v);
+    run_released_call(p, work, [&] { attention_kvcache_forward(p); });
+    if (!return_lse) return std::move(result);
+    return py::make_tuple(result, lse);
 }
 
 // attention() as a METH_FASTCALL | METH_KEYWORDS function: the arguments arrive as a C array,
@@ -994,6 +1254,24 @@ PYBIND11_MODULE(_core, m) {
     m.def("s2_attention", &mha::s2_attention, py::arg("x"), py::arg("logits") = py::none(),
           py::arg("num_threads") = py::none(),
           "S2Attention's native passes: logits None -> branch sums (B, C); else (B, H, W, C).");
+
+    m.def("attention_varlen", &mha::attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("causal") = 0,
+          py::arg("window_left") = -1, py::arg("window_right") = -1,
+          py::arg("scale") = py::none(), py::arg("score") = 0, py::arg("score_wq") = py::none(),
+          py::arg("score_wk") = py::none(), py::arg("score_w") = py::none(),
+          py::arg("alibi_slopes") = py::none(), py::arg("softcap") = py::none(),
+          py::arg("return_lse") = false, py::arg("device") = 0,
+          py::arg("num_threads") = py::none(), py::arg("out") = py::none(),
+          "Packed variable-length attention (SPEC 6.2): out, or (out, lse (Hq, total_q)).");
+    m.def("attention_kvcache", &mha::attention_kvcache, py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("block_table") = py::none(),
+          py::arg("causal") = 1, py::arg("window_left") = -1, py::arg("window_right") = -1,
+          py::arg("scale") = py::none(), py::arg("alibi_slopes") = py::none(),
+          py::arg("softcap") = py::none(), py::arg("return_lse") = false,
+          py::arg("num_splits") = py::none(), py::arg("device") = 0,
+          py::arg("num_threads") = py::none(),
+          "KV-cache attention, contiguous or paged (SPEC 6.3): out, or (out, lse (B, Hq, Lq)).");
 
     m.def("merge", &mha::merge, py::arg("outs"), py::arg("lses"), py::arg("blhd") = false,
           py::arg("num_threads") = py::none(),

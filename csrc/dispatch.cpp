@@ -44,6 +44,11 @@ void attention_forward(const AttentionParams& params) {
             "without a CUDA compiler or with MHA_EXT_CUDA=OFF)");
 #endif
     }
+    if (params.device == Device::kCuda &&
+        (params.alibi_slopes != nullptr || params.softcap > 0)) {
+        throw std::runtime_error(
+            "alibi_slopes / softcap: not available on device='cuda' yet; use device='cpu'");
+    }
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
     // Dv = 0: the output is empty; only lse and weights need the scores.
     if (params.head_dim_v == 0 && params.lse == nullptr && params.weights == nullptr) return;
@@ -66,6 +71,30 @@ void attention_forward(const AttentionParams& params) {
 #endif
     }
     throw std::invalid_argument("device: unknown device");
+}
+
+namespace {
+void require_cpu(Device device, const char* name) {
+    if (device != Device::kCpu) {
+        throw std::runtime_error(std::string(name) +
+                                 ": device='cuda' is not available for this call yet; use "
+                                 "device='cpu'");
+    }
+}
+}  // namespace
+
+void attention_varlen_forward(const VarlenParams& params) {
+    check_varlen_params(params);
+    require_cpu(params.device, "attention_varlen");
+    if (params.batch == 0 || params.num_heads_q == 0 || params.total_q == 0) return;
+    attention_forward_varlen_cpu(params);
+}
+
+void attention_kvcache_forward(const KvcacheParams& params) {
+    check_kvcache_params(params);
+    require_cpu(params.device, "attention_kvcache");
+    if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
+    attention_forward_kvcache_cpu(params);
 }
 
 void merge_forward(const MergeParams& params) {

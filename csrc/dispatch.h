@@ -14,6 +14,11 @@ namespace mha {
 // available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
 
+// attention_varlen (SPEC 6.2) and attention_kvcache (6.3): their check, then the CPU kernel
+// (no CUDA twin yet: device='cuda' is a std::runtime_error).
+void attention_varlen_forward(const VarlenParams& params);
+void attention_kvcache_forward(const KvcacheParams& params);
+
 // Merge partial results over disjoint key shards (SPEC 6.1): check_merge_params, then the
 // CPU pass.
 void merge_forward(const MergeParams& params);

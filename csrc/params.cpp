@@ -100,6 +100,23 @@ void check_params(const AttentionParams& p) {
               dtype_name(p.dtype), " inputs; use float64 inputs for such scales");
     MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
               "num_threads: " MHA_NUM_THREADS_RULE ", got ", p.num_threads);
+    MHA_CHECK(p.softcap == 0 || (std::isfinite(p.softcap) && p.softcap > 0),
+              "softcap: expected a finite float > 0 (or None), got ", p.softcap);
+    MHA_CHECK(p.lse_stride_head >= 0, "lse: negative row stride ", p.lse_stride_head);
+    if (p.alibi_slopes != nullptr) {
+        const int64_t nb = p.alibi_stride_batch == 0 ? 1 : p.batch;
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t h = 0; h < p.num_heads_q; ++h) {
+                const int64_t x = b * p.alibi_stride_batch + h;
+                const double slope =
+                    dtype_accumulates_in_double(p.dtype)
+                        ? static_cast<const double*>(p.alibi_slopes)[x]
+                        : static_cast<double>(static_cast<const float*>(p.alibi_slopes)[x]);
+                MHA_CHECK(std::isfinite(slope), "alibi_slopes: entry (", b, ", ", h,
+                          ") is ", slope, ", expected a finite slope");
+            }
+        }
+    }
     switch (p.score) {
         case Score::kDot:
             break;
@@ -138,6 +155,71 @@ void check_params(const AttentionParams& p) {
                   "| makes the float64 scores of these inputs overflow (|scale| * D * max|q| * "
                   "max|k| = ", bound, " > 1.8e308), which would give NaN rows; use a smaller "
                   "scale or rescale q / k");
+    }
+}
+
+// cu_seqlens: starts at 0, never decreases, ends at the total; the longest step is `longest`.
+static void check_cu_seqlens(const int64_t* cu, int64_t n, int64_t total, int64_t longest,
+                             const char* name, const char* total_name) {
+    MHA_CHECK(cu != nullptr, name, ": missing");
+    MHA_CHECK(cu[0] == 0, name, ": must start at 0, got ", name, "[0] = ", cu[0]);
+    int64_t most = 0;
+    for (int64_t b = 0; b < n; ++b) {
+        MHA_CHECK(cu[b + 1] >= cu[b], name, ": must not decrease, got ", name, "[", b, "] = ",
+                  cu[b], " > ", name, "[", b + 1, "] = ", cu[b + 1]);
+        MHA_CHECK(cu[b + 1] <= total, name, ": entry ", b + 1, " is ", cu[b + 1], ", past ",
+                  total_name, " = ", total);
+        if (cu[b + 1] - cu[b] > most) most = cu[b + 1] - cu[b];
+    }
+    MHA_CHECK(cu[n] == total, name, ": must end at ", total_name, " = ", total, ", got ", name,
+              "[", n, "] = ", cu[n]);
+    MHA_CHECK(most == longest, name, ": the longest sequence is ", most, ", the params say ",
+              longest);
+}
+
+void check_varlen_params(const VarlenParams& p) {
+    check_params(p);
+    MHA_CHECK(p.mask == nullptr && p.bias == nullptr && p.key_lengths == nullptr &&
+                  p.weights == nullptr,
+              "attention_varlen: mask, bias, key_lengths and weights are not supported");
+    MHA_CHECK(p.total_q >= 0 && p.total_k >= 0, "attention_varlen: negative totals");
+    MHA_CHECK(p.lse == nullptr || p.lse_stride_head == p.total_q,
+              "attention_varlen: lse rows must be (Hq, total_q)");
+    check_cu_seqlens(p.cu_seqlens_q, p.batch, p.total_q, p.seqlen_q, "cu_seqlens_q",
+                     "total_q (q.shape[0])");
+    check_cu_seqlens(p.cu_seqlens_k, p.batch, p.total_k, p.seqlen_k, "cu_seqlens_k",
+                     "total_k (k.shape[0])");
+}
+
+void check_kvcache_params(const KvcacheParams& p) {
+    MHA_CHECK(p.key_lengths != nullptr || p.batch == 0, "cache_seqlens: missing");
+    for (int64_t b = 0; b < p.batch; ++b) {
+        const int64_t n = p.key_lengths[b];
+        MHA_CHECK(n >= 0 && n <= p.seqlen_k, "cache_seqlens: entry ", b, " is ", n,
+                  ", expected 0 <= cache_seqlens[b] <= ", p.seqlen_k,
+                  p.block_table != nullptr ? " (max_blocks * block_size: the block table's row)"
+                                           : " (the cache's Lmax)");
+    }
+    check_params(p);
+    MHA_CHECK(p.mask == nullptr && p.bias == nullptr && p.weights == nullptr,
+              "attention_kvcache: mask, bias and weights are not supported");
+    MHA_CHECK(p.num_splits >= 0, "num_splits: expected None or an int >= 1, got ",
+              p.num_splits);
+    if (p.block_table == nullptr) return;
+    MHA_CHECK(p.block_size >= 1, "k_cache: block_size must be at least 1, got ", p.block_size);
+    MHA_CHECK(p.num_blocks >= 0 && p.max_blocks >= 0 && p.block_table_stride >= p.max_blocks,
+              "block_table: bad geometry");
+    MHA_CHECK(p.seqlen_k == p.max_blocks * p.block_size,
+              "attention_kvcache: seqlen_k must be max_blocks * block_size");
+    for (int64_t b = 0; b < p.batch; ++b) {
+        // key_lengths <= seqlen_k was checked by check_params: the used blocks are in the row.
+        const int64_t used = (p.key_lengths[b] + p.block_size - 1) / p.block_size;
+        for (int64_t x = 0; x < used; ++x) {
+            const int64_t id = p.block_table[b * p.block_table_stride + x];
+            MHA_CHECK(id >= 0 && id < p.num_blocks, "block_table: entry (", b, ", ", x, ") is ",
+                      id, ", expected a block id in [0, num_blocks = ", p.num_blocks,
+                      ") (sequence ", b, " holds ", p.key_lengths[b], " keys)");
+        }
     }
 }
 

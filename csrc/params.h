@@ -82,6 +82,15 @@ struct AttentionParams {
     int64_t window_left = -1;
     int64_t window_right = -1;
 
+    // ALiBi (FlashAttention's): adds -slope * |i + off - j| to the scores (off as for the
+    // window), computed in the kernel, never as a bias array. accum_t; the slope of (b, h) is
+    // alibi_slopes[b * alibi_stride_batch + h] (stride 0: one (Hq,) vector). nullptr = none.
+    const void* alibi_slopes = nullptr;
+    int64_t alibi_stride_batch = 0;
+    // Softcap (Gemma 2): s = softcap * tanh(s / softcap) after the scale, before bias, ALiBi
+    // and masks. 0 = none; else finite and > 0.
+    double softcap = 0;
+
     double scale = 1.0;
 
     // Score function parameters, C-contiguous accum_t. kGeneral: score_wq (head_dim,
@@ -96,6 +105,9 @@ struct AttentionParams {
     // Optional outputs (accum_t, C-contiguous). nullptr = not requested.
     void* weights = nullptr;
     void* lse = nullptr;
+    // lse (b, h, i) at lse[(b * num_heads_q + h) * lse_stride_head + i]; 0 = seqlen_q (the
+    // C-contiguous (B, Hq, Lq)). attention_varlen's (Hq, total_q) lse sets it.
+    int64_t lse_stride_head = 0;
 
     int num_threads = 0;  // 0: OpenMP default (honours OMP_NUM_THREADS); else 1..kMaxThreads
 
@@ -119,6 +131,49 @@ constexpr int kMaxThreads = 4096;
 // or pointers. Defined in params.cpp; every native caller (binding, benchmarks) goes through
 // it via attention_forward().
 void check_params(const AttentionParams& params);
+
+// attention_varlen (SPEC 6.2): packed sequences. The AttentionParams part describes the
+// packed arrays as one batch of the longest sequences: batch = number of sequences,
+// seqlen_q / seqlen_k = the longest lengths, q (total_q, Hq, D), k / v (total_k, Hk, D) and
+// out (total_q, Hq, Dv) through their seq / head strides (the batch strides are unused);
+// lse (Hq, total_q) with lse_stride_head = total_q; alibi_slopes (B, Hq) or (Hq,). Sequence b
+// is query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] and key rows likewise; nothing
+// attends across sequences and causal / window / ALiBi align per sequence. key_lengths,
+// mask, bias and weights are not used.
+struct VarlenParams : AttentionParams {
+    const int64_t* cu_seqlens_q = nullptr;  // (batch + 1): 0 .. total_q, non-decreasing
+    const int64_t* cu_seqlens_k = nullptr;  // (batch + 1): 0 .. total_k, non-decreasing
+    int64_t total_q = 0;
+    int64_t total_k = 0;
+};
+
+// Every invariant of a VarlenParams: the AttentionParams part, then cu_seqlens (start at 0,
+// non-decreasing, end at the total, longest lengths = seqlen_q / seqlen_k).
+void check_varlen_params(const VarlenParams& params);
+
+// attention_kvcache (SPEC 6.3): q (B, Lq, Hq, D) new tokens against a KV cache. The
+// AttentionParams part is the call over the cache with key_lengths = cache_seqlens:
+// contiguous caches (B, Lmax, Hk, D) as k / v with seqlen_k = Lmax; paged caches as below.
+struct KvcacheParams : AttentionParams {
+    // Paged cache: k / v point at pools (num_blocks, block_size, Hk, D) with
+    // k_stride_block / k_stride_seq / k_stride_head (the batch strides are unused), and key j
+    // of sequence b lives in row j % block_size of block
+    // block_table[b * block_table_stride + j / block_size]. seqlen_k = max_blocks *
+    // block_size. nullptr = contiguous cache.
+    const int32_t* block_table = nullptr;
+    int64_t block_table_stride = 0;  // = max_blocks
+    int64_t max_blocks = 0;
+    int64_t block_size = 0;
+    int64_t num_blocks = 0;
+    int64_t k_stride_block = 0, v_stride_block = 0;
+    // Key-axis splits merged by lse: 0 = the backend chooses, 1 = none, n = at most n.
+    int64_t num_splits = 0;
+};
+
+// Every invariant of a KvcacheParams: the AttentionParams part (key_lengths = cache_seqlens
+// within the cache), block_size >= 1, and every block a sequence uses (those holding its
+// first cache_seqlens[b] keys) inside [0, num_blocks): the kernel never reads outside.
+void check_kvcache_params(const KvcacheParams& params);
 
 // NumPy's name of a dtype ("float32", "bfloat16", ...), for messages.
 const char* dtype_name(DType dtype);

@@ -12,6 +12,7 @@
 // formed (|i|, |off|, lk are array sizes, far below 2^62), never i + off + right.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "params.h"
@@ -57,5 +58,31 @@ MHA_HD KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lk) {
     if (p.window_left >= 0 && p.window_left < diag - lo) lo = diag - p.window_left;
     return {lo, hi};
 }
+
+// ALiBi and softcap, the two score terms computed in the kernel (SPEC 3), in this order:
+//   s = softcap * tanh(s / softcap)       after the scale, before bias / ALiBi / masks
+//   s += -slope(b, h) * |diag(i) - j|     diag(i) = i + off, the position the window uses
+// A query row's diagonal (its key position): i + off with off as in visible_keys.
+MHA_HD int64_t diagonal(const AttentionParams& p, int64_t i, int64_t lk) {
+    return i + (p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q);
+}
+
+// The ALiBi slope of (b, h) in accum_t (float, double for float64); 0 without ALiBi.
+template <typename A>
+MHA_HD A alibi_slope(const AttentionParams& p, int64_t b, int64_t h) {
+    return p.alibi_slopes == nullptr
+               ? A(0)
+               : static_cast<const A*>(p.alibi_slopes)[b * p.alibi_stride_batch + h];
+}
+
+// ALiBi's term for a row with diagonal `diag` and key j (the distance formed in int64).
+template <typename A>
+MHA_HD A alibi_term(A slope, int64_t diag, int64_t j) {
+    const int64_t d = diag - j;
+    return -slope * static_cast<A>(d < 0 ? -d : d);
+}
+
+MHA_HD float softcap_score(float s, float cap) { return cap * tanhf(s / cap); }
+MHA_HD double softcap_score(double s, double cap) { return cap * tanh(s / cap); }
 
 }  // namespace mha

@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "FLOAT_TOL",
+    "alibi_bias",
     "assert_out_close",
     "attention_ref",
     "from_bhld",
@@ -138,6 +139,20 @@ def visible_mask(
     return vis
 
 
+def alibi_bias(slopes, B, Hq, Lq, Lk, *, causal=False, key_lengths=None) -> np.ndarray:
+    """float64 (B, Hq, Lq, Lk): ``-slope[b, h] * |i + off - j|``, off = Lk_b - Lq (0 for
+    top-left causal), FlashAttention's ALiBi written out as the explicit bias."""
+    sl = np.broadcast_to(np.asarray(slopes, np.float64).reshape(-1, Hq), (B, Hq))
+    lk_b = np.full(B, Lk) if key_lengths is None else np.asarray(key_lengths).reshape(B)
+    i = np.arange(Lq)[:, None]
+    j = np.arange(Lk)[None, :]
+    out = np.empty((B, Hq, Lq, Lk))
+    for b in range(B):
+        off = 0 if causal == "top_left" else int(lk_b[b]) - Lq
+        out[b] = -sl[b][:, None, None] * np.abs(i + off - j)[None]
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # The float64 reference.
 
@@ -155,8 +170,13 @@ def attention_ref(
     scale=None,
     score=None,
     layout="bhld",
+    alibi_slopes=None,
+    softcap=None,
 ):
     """float64 attention: returns (out, weights, lse) in the caller's rank and layout.
+
+    ``softcap``: scores become ``softcap * tanh(s / softcap)`` after the scale;
+    ``alibi_slopes`` (Hq,) or (B, Hq): adds ``-slope * |i + off - j|`` (``alibi_bias``).
 
     out has the shape of the result (q's rank/layout, last axis Dv); weights
     (B, Hq, Lq, Lk) and lse (B, Hq, Lq) are rank-reduced like the inputs. Rows with no
@@ -178,6 +198,10 @@ def attention_ref(
         scale = 1.0 / np.sqrt(D) if kind == "scaled_dot" else 1.0
     with np.errstate(invalid="ignore", over="ignore"):
         s = _scores(q4, k4, kind, params) * scale
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
+        if alibi_slopes is not None:
+            s = s + alibi_bias(alibi_slopes, B, Hq, Lq, Lk, causal=causal, key_lengths=key_lengths)
         if bias is not None:
             s = s + _bcast4(np.asarray(bias).astype(np.float64), rank, (B, Hq, Lq, Lk))
         vis = visible_mask(

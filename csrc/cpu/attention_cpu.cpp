@@ -16,6 +16,8 @@ namespace mha {
     namespace ns {                                             \
     void attention_forward(const AttentionParams& params);     \
     void attention_forward_naive(const AttentionParams& params); \
+    void attention_forward_varlen(const VarlenParams& params);   \
+    void attention_forward_kvcache(const KvcacheParams& params); \
     }
 MHA_CPU_DECLARE_ISA(cpu_generic)
 #if defined(MHA_CPU_HAVE_avx2)
@@ -30,6 +32,8 @@ struct CpuIsa {
     bool (*supported)();  // this CPU (and OS) can run the path
     void (*forward)(const AttentionParams&);
     void (*naive)(const AttentionParams&);
+    void (*varlen)(const VarlenParams&);
+    void (*kvcache)(const KvcacheParams&);
 };
 
 // Best first; generic, the portable build, is always last and always supported.
@@ -41,10 +45,12 @@ const CpuIsa kIsas[] = {
          return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                 __builtin_cpu_supports("f16c");
      },
-     &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive},
+     &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive,
+     &cpu_avx2::attention_forward_varlen, &cpu_avx2::attention_forward_kvcache},
 #endif
     {"generic", [] { return true; }, &cpu_generic::attention_forward,
-     &cpu_generic::attention_forward_naive},
+     &cpu_generic::attention_forward_naive, &cpu_generic::attention_forward_varlen,
+     &cpu_generic::attention_forward_kvcache},
 };
 constexpr int kNumIsas = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
 
@@ -107,6 +113,18 @@ void attention_forward_cpu(const AttentionParams& params) {
     const Choice& c = choice();
     if (c.isa == nullptr) throw std::runtime_error(c.info.error);
     c.isa->forward(params);
+}
+
+void attention_forward_varlen_cpu(const VarlenParams& params) {
+    const Choice& c = choice();
+    if (c.isa == nullptr) throw std::runtime_error(c.info.error);
+    c.isa->varlen(params);
+}
+
+void attention_forward_kvcache_cpu(const KvcacheParams& params) {
+    const Choice& c = choice();
+    if (c.isa == nullptr) throw std::runtime_error(c.info.error);
+    c.isa->kvcache(params);
 }
 
 void attention_forward_cpu_naive(const AttentionParams& params) {

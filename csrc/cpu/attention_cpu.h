@@ -13,6 +13,10 @@ namespace mha {
 // std::runtime_error when MHA_EXT_SIMD names a path this build or CPU cannot run.
 void attention_forward_cpu(const AttentionParams& params);
 
+// attention_varlen and attention_kvcache (SPEC 6.2, 6.3) on the chosen instruction set.
+void attention_forward_varlen_cpu(const VarlenParams& params);
+void attention_forward_kvcache_cpu(const KvcacheParams& params);
+
 // One row at a time, the textbook formula: documents the math, cross-checks the blocked
 // kernel. Always the portable (generic) build, so every path is checked against one reference.
 void attention_forward_cpu_naive(const AttentionParams& params);

@@ -19,12 +19,18 @@
 //                              tile), heaviest first, dynamic. Weights, when asked for, come
 //                              from a second pass over the tiles: w = exp(s - lse), so no
 //                              Lq x Lk buffer exists otherwise.
+//   attention_forward_varlen   packed variable-length batches (kernel/serving.h): the tile
+//                              loop over one task list of (sequence, query tile, head).
+//   attention_forward_kvcache  KV-cache decoding, contiguous or paged (kernel/serving.h):
+//                              grouped-query rows packed per K/V head, key-axis splits
+//                              combined by lse.
 //
 // Conventions: a row with no visible key (max = -inf) gets output 0, weights 0, lse = -inf
 // (PyTorch's _safe_softmax, FlashAttention, ggml). A NaN score in a visible position poisons
 // its row: output, weights and lse become NaN, never a silent 0.
 #include "cpu/attention_cpu.h"
 #include "cpu/kernel/naive.h"
+#include "cpu/kernel/serving.h"
 #include "cpu/kernel/tile_loop.h"
 #include "switch.h"
 
@@ -37,6 +43,14 @@ void attention_forward(const AttentionParams& p) {
 
 void attention_forward_naive(const AttentionParams& p) {
     MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_naive<T, A>(p); });
+}
+
+void attention_forward_varlen(const VarlenParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_varlen<T, A>(p); });
+}
+
+void attention_forward_kvcache(const KvcacheParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_kvcache<T, A>(p); });
 }
 
 }  // namespace MHA_CPU_NS

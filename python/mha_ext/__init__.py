@@ -38,7 +38,7 @@ from ._attention import attention, build_info, cuda_available
 from ._scores import Additive, Concat, General
 from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from .s2 import S2Attention
-from .serving import merge
+from .serving import attention_kvcache, attention_varlen, merge
 
 __version__: str = _core.build_info()["version"]
 
@@ -52,6 +52,8 @@ __all__ = [
     "TransformerEncoderLayer",
     "__version__",
     "attention",
+    "attention_kvcache",
+    "attention_varlen",
     "build_info",
     "cuda_available",
     "merge",

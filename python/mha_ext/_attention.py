@@ -70,7 +70,7 @@ _CONCAT = object()  # _score's marker for Concat (split into the additive pair b
 _CORE_ARGS = (
     "q", "k", "v", "mask", "bias", "causal", "window_left", "window_right", "key_lengths",
     "scale", "score", "score_wq", "score_wk", "score_w", "return_weights", "return_lse",
-    "blhd", "device", "num_threads", "out",
+    "blhd", "device", "num_threads", "out", "naive", "alibi_slopes", "softcap",
 )
 if _core.ATTENTION_ARGS[: len(_CORE_ARGS)] != _CORE_ARGS:
     raise ImportError(
@@ -264,6 +264,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: Literal[False] = False,
     return_lse: Literal[False] = False,
     layout: str = "bhld",
@@ -286,6 +288,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: Literal[True],
     return_lse: Literal[False] = False,
     layout: str = "bhld",
@@ -308,6 +312,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: Literal[False] = False,
     return_lse: Literal[True],
     layout: str = "bhld",
@@ -330,6 +336,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: Literal[True],
     return_lse: Literal[True],
     layout: str = "bhld",
@@ -352,6 +360,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: bool = False,
     return_lse: bool = False,
     layout: str = "bhld",
@@ -373,6 +383,8 @@ def attention(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_weights: bool = False,
     return_lse: bool = False,
     layout: str = "bhld",
@@ -427,6 +439,12 @@ def attention(
     score : {None, "scaled_dot", "dot"} or General or Additive or Concat, optional
         The score function, see :class:`General`, :class:`Additive` and :class:`Concat`.
         Every mask, causal, window, GQA and return option works with every score.
+    alibi_slopes : array_like of float, shape (Hq,) or (B, Hq), optional
+        ALiBi (FlashAttention's): adds ``-slope[b, h] * |i + off - j|`` to the scores, with
+        ``off`` as for the window; computed in the kernel, no bias array is built.
+    softcap : float, optional
+        ``> 0``: the scores become ``softcap * tanh(s / softcap)`` (Gemma 2), after the scale
+        and before bias, ALiBi and the masks.
     return_weights : bool, default False
         Also return the softmax probabilities ``(B, Hq, Lq, Lk)``.
     return_lse : bool, default False
@@ -495,6 +513,8 @@ def attention(
         bias = _array_like(bias, "bias")
     if key_lengths is not None and type(key_lengths) is not np.ndarray:
         key_lengths = _array_like(key_lengths, "key_lengths")
+    if alibi_slopes is not None and type(alibi_slopes) is not np.ndarray:
+        alibi_slopes = _array_like(alibi_slopes, "alibi_slopes")
     if out is not None and isinstance(out, np.ma.MaskedArray):
         raise TypeError("out: expected a NumPy array, got a numpy.ma.MaskedArray")
     try:
@@ -529,7 +549,7 @@ def attention(
         else _flag(return_weights, "return_weights"),
         return_lse if return_lse is False or return_lse is True
         else _flag(return_lse, "return_lse"),
-        blhd, dev, num_threads, out,
+        blhd, dev, num_threads, out, False, alibi_slopes, softcap,
     )
 
 

@@ -48,7 +48,47 @@ def attention(
     num_threads: int | None = None,
     out: np.ndarray | None = None,
     naive: bool = False,
+    alibi_slopes: np.ndarray | None = None,
+    softcap: float | None = None,
 ) -> np.ndarray | tuple[np.ndarray, ...]: ...
+def attention_varlen(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cu_seqlens_q: np.ndarray,
+    cu_seqlens_k: np.ndarray,
+    causal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    scale: float | None = None,
+    score: int = 0,
+    score_wq: np.ndarray | None = None,
+    score_wk: np.ndarray | None = None,
+    score_w: np.ndarray | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    device: int = 0,
+    num_threads: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+def attention_kvcache(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    cache_seqlens: np.ndarray,
+    block_table: np.ndarray | None = None,
+    causal: int = 1,
+    window_left: int = -1,
+    window_right: int = -1,
+    scale: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    device: int = 0,
+    num_threads: int | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 def build_info() -> dict[str, Any]: ...
 def cuda_available() -> bool: ...
 def cuda_last_kernel_ms() -> float: ...

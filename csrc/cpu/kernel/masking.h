@@ -54,6 +54,35 @@ void bias_and_hide(const AttentionParams& p, const TileBuffers<A>& buf, const Ti
                    int64_t j0, int64_t nqc, int64_t c0, int64_t r_end, int64_t nk,
                    const uint8_t* mask, const A* bias) {
     A* st = buf.st;
+    if (p.softcap > 0) {  // before bias, ALiBi and masks; padding columns stay 0
+        using V = vec_t<A>;
+        constexpr int64_t kW = Vec<A>::kWidth;
+        const A cap = static_cast<A>(p.softcap), inv_cap = A(1) / cap;
+        const int64_t c_end = round_up(r_end, kW);
+        for (int64_t j = 0; j < nk; ++j) {
+            A* sj = st + j * nqc;
+            if (nqc == 1) {  // a plain row (decode): the keys run along sj
+                for (int64_t x = 0; x + kW <= nk; x += kW) {
+                    vstore(sj + x, vtanh(vload(sj + x) * inv_cap) * cap);
+                }
+                for (int64_t x = nk / kW * kW; x < nk; ++x) sj[x] = softcap_score(sj[x], cap);
+                break;
+            }
+            for (int64_t c = c0 / kW * kW; c < c_end; c += kW) {
+                vstore(sj + c, vtanh(vload(sj + c) * inv_cap) * cap);
+            }
+        }
+    }
+    if (p.alibi_slopes != nullptr) {  // -slope * |diag - j|, diag - j0 formed in int64
+        for (int64_t r = c0; r < r_end; ++r) buf.alibi_rel[r] = static_cast<A>(buf.diag[r] - j0);
+        for (int64_t j = 0; j < nk; ++j) {
+            A* sj = st + j * nqc;
+            const A jf = static_cast<A>(j);
+            for (int64_t r = c0; r < r_end; ++r) {
+                sj[r] -= buf.slope[r] * std::fabs(buf.alibi_rel[r] - jf);
+            }
+        }
+    }
     if (bias != nullptr) {
         for (int64_t j = 0; j < nk; ++j) {
             A* sj = st + j * nqc;

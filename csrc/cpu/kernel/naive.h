@@ -87,6 +87,10 @@ void forward_naive(const AttentionParams& p) {
                     for (int64_t d = 0; d < dk; ++d) t += x[d] * krow[d];
                 }
                 t *= scale;
+                if (p.softcap > 0) t = softcap_score(t, static_cast<A>(p.softcap));
+                if (p.alibi_slopes != nullptr) {
+                    t += alibi_term(alibi_slope<A>(p, b, h), diagonal(p, i, lk), j);
+                }
                 if (p.bias != nullptr) {
                     t += static_cast<const A*>(p.bias)[b * p.bias_stride_batch +
                                                        h * p.bias_stride_head +
@@ -133,7 +137,8 @@ void forward_naive(const AttentionParams& p) {
                 for (int64_t j = 0; j < Lk; ++j) w[j] = s[j];
             }
             if (p.lse != nullptr) {
-                static_cast<A*>(p.lse)[row] =
+                const int64_t lsh = p.lse_stride_head != 0 ? p.lse_stride_head : p.seqlen_q;
+                static_cast<A*>(p.lse)[(b * p.num_heads_q + h) * lsh + i] =
                     poison ? nan : (empty ? neg_inf : mx + std::log(sum));
             }
         }

@@ -19,7 +19,9 @@ namespace MHA_CPU_NS {
 #endif
 constexpr int64_t kBlockQ = MHA_CPU_BLOCK_Q;  // query rows per task: a multiple of 2 vectors
 constexpr int64_t kShortQueries = 1024;  // up to this many queries, tasks take kBlockQ / 2 rows
+constexpr int64_t kPackQueries = 16;  // GQA: up to this many queries, a group is one task
 constexpr int64_t kGemvRows = 2;  // tasks with at most this many queries take the GEMV path
+constexpr int64_t kPackGemvRows = 8;  // the same for a packed GQA group (tile_loop.h)
 constexpr double kSerialFlops = 4e6;  // below this (~50 us on one core) stay on one thread
 constexpr int64_t kCachedScratchBytes = 256 << 10;  // per-thread scratch kept between calls
 constexpr int64_t kBlockK = MHA_CPU_BLOCK_K;  // keys per tile: P^T and a V panel fit L1
@@ -44,6 +46,9 @@ struct TileBuffers {
     int32_t* lo;  // (kBlockQ)         visible keys of each row, relative to the tile
     int32_t* hi;  // (kBlockQ)
     KeyRange* range;  // (kBlockQ)     visible keys of each row, absolute
+    int64_t* diag;    // (kBlockQ)     ALiBi: each row's diagonal i + off (visibility.h)
+    A* slope;         // (kBlockQ)     ALiBi: each row's slope
+    A* alibi_rel;     // (kBlockQ)     ALiBi: diag - j0 of the current tile
 };
 
 // What of a (nq rows x nk keys) block starting at key j0 can be seen.
@@ -80,6 +85,7 @@ struct TileDims {
         n += round_up(bk * bq * a, pad) + round_up(bq * dvp * a, pad);
         n += 5 * round_up(bq * a, pad) + 2 * round_up(bq * 4, pad) +
              round_up(bq * static_cast<int64_t>(sizeof(KeyRange)), pad);
+        n += round_up(bq * 8, pad) + 2 * round_up(bq * a, pad);  // diag, slope, alibi_rel
         return n + pad;
     }
 
@@ -102,6 +108,9 @@ struct TileDims {
         buf.lo = sc.take<int32_t>(bq);
         buf.hi = sc.take<int32_t>(bq);
         buf.range = sc.take<KeyRange>(bq);
+        buf.diag = sc.take<int64_t>(bq);
+        buf.slope = sc.take<A>(bq);
+        buf.alibi_rel = sc.take<A>(bq);
         return buf;
     }
 };
