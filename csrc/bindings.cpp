@@ -303,6 +303,11 @@ struct AttentionArgs {
         const long long x = PyLong_AsLongLong(slot[s]);
         if (x == -1 && PyErr_Occurred()) {
             PyErr_Clear();
+            if (s == kArg_window_left || s == kArg_window_right) {  // the pair mha_ext takes
+                throw type_error(detail::concat(
+                    "window: ", s == kArg_window_left ? "left" : "right",
+                    " must be an int that fits 64 bits (None or -1: unbounded)"));
+            }
             throw type_error(detail::concat(kArgNames[s], ": expected an int"));
         }
         return x;
