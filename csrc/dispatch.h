@@ -8,8 +8,8 @@
 
 namespace mha {
 
-// check_params (params.h), then run on params.device. Throws std::runtime_error when that device is not
-// available (CUDA not built, no GPU) and for device failures.
+// check_params (params.h), then run on params.device. Throws std::runtime_error when that
+// device is not available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
 
 // Facts about the build and the machine, for build_info().

@@ -187,14 +187,8 @@ struct Blocked : TileDims {
                      i0 * p.q_stride_seq;
         const T* k = static_cast<const T*>(p.k) + b * p.k_stride_batch + hk * p.k_stride_head;
         const T* v = static_cast<const T*>(p.v) + b * p.v_stride_batch + hk * p.v_stride_head;
-        const uint8_t* mask = p.mask == nullptr ? nullptr
-                                                : p.mask + b * p.mask_stride_batch +
-                                                      h * p.mask_stride_head +
-                                                      i0 * p.mask_stride_q;
-        const A* bias = p.bias == nullptr ? nullptr
-                                          : static_cast<const A*>(p.bias) +
-                                                b * p.bias_stride_batch +
-                                                h * p.bias_stride_head + i0 * p.bias_stride_q;
+        const uint8_t* mask = mask_row(p, b, h, i0);
+        const A* bias = bias_row<A>(p, b, h, i0);
 
         // Visible key interval per row; the union over rows bounds the tiles we visit.
         int64_t j_begin = lk, j_end = 0;
