@@ -304,6 +304,11 @@ struct AttentionArgs {
         const long long x = PyLong_AsLongLong(slot[s]);
         if (x == -1 && PyErr_Occurred()) {
             PyErr_Clear();
+            if (s == kArg_window_left || s == kArg_window_right) {  // the pair mha_ext takes
+                throw type_error(detail::concat(
+                    "window: ", s == kArg_window_left ? "left" : "right",
+                    " must be an int that fits 64 bits (None or -1: unbounded)"));
+            }
             throw type_error(detail::concat(kArgNames[s], ": expected an int"));
         }
         return x;
@@ -566,7 +571,8 @@ py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::
             if (swapped) {
                 throw type_error(detail::concat(
                     "out: expected dtype ", dtype_name(in.q), " in native byte order, got a "
-                    "byte-swapped ", dtype_name(result), " ('", std::string(py::str(got.attr("str"))),
+                    "byte-swapped ", dtype_name(result), " ('",
+                    std::string(py::str(got.attr("str"))),
                     "'); the kernel writes native-order values, so pass e.g. np.empty(shape, "
                     "np.", dtype_name(in.q), ")"));
             }
@@ -999,10 +1005,14 @@ void check_params_for_test(const py::dict& overrides) {
     const struct {
         const char* name;
         int64_t AttentionParams::*field;
-    } sizes[] = {{"batch", &AttentionParams::batch},       {"num_heads_q", &AttentionParams::num_heads_q},
-                 {"num_heads_k", &AttentionParams::num_heads_k}, {"seqlen_q", &AttentionParams::seqlen_q},
-                 {"seqlen_k", &AttentionParams::seqlen_k},   {"head_dim", &AttentionParams::head_dim},
-                 {"head_dim_k", &AttentionParams::head_dim_k}, {"head_dim_v", &AttentionParams::head_dim_v},
+    } sizes[] = {{"batch", &AttentionParams::batch},
+                 {"num_heads_q", &AttentionParams::num_heads_q},
+                 {"num_heads_k", &AttentionParams::num_heads_k},
+                 {"seqlen_q", &AttentionParams::seqlen_q},
+                 {"seqlen_k", &AttentionParams::seqlen_k},
+                 {"head_dim", &AttentionParams::head_dim},
+                 {"head_dim_k", &AttentionParams::head_dim_k},
+                 {"head_dim_v", &AttentionParams::head_dim_v},
                  {"window_left", &AttentionParams::window_left},
                  {"window_right", &AttentionParams::window_right},
                  {"score_dim", &AttentionParams::score_dim}};

@@ -10,8 +10,8 @@
 
 namespace mha {
 
-// check_params (params.h), then run on params.device. Throws std::runtime_error when that device is not
-// available (CUDA not built, no GPU) and for device failures.
+// check_params (params.h), then run on params.device. Throws std::runtime_error when that
+// device is not available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
 
 // attention_varlen (SPEC 6.2) and attention_kvcache (6.3): their check, then the CPU kernel

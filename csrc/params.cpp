@@ -71,13 +71,13 @@ void check_params(const AttentionParams& p) {
                   p.seqlen_k >= 0 && p.head_dim_v >= 0,
               "attention: sizes must be non-negative");
     MHA_CHECK(p.head_dim >= 1, "q: the head dimension D must be at least 1, got ", p.head_dim);
-    MHA_CHECK(p.head_dim_k >= 1, "k: the head dimension Dk must be at least 1, got ",
-              p.head_dim_k);
     if (p.score == Score::kDot) {
         MHA_CHECK(p.head_dim == p.head_dim_k, "k: head dimension (", p.head_dim_k,
                   ") must equal q's (", p.head_dim,
                   ") for a dot-product score (use mha_ext.General(W) for different sizes)");
     }
+    MHA_CHECK(p.head_dim_k >= 1, "k: the head dimension Dk must be at least 1, got ",
+              p.head_dim_k);
     MHA_CHECK(p.num_heads_k > 0 || p.num_heads_q == 0,
               "k: number of key/value heads must be at least 1, got 0");
     MHA_CHECK(p.num_heads_k == 0 || p.num_heads_q % p.num_heads_k == 0,

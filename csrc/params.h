@@ -2,8 +2,9 @@
 //
 // Filled once by the binding (or a native benchmark), checked once by check_params() (every
 // value invariant lives there, with one wording), then passed by const reference to a backend.
-// A new entry point (backward, varlen, paged) adds a struct that extends this one. It holds no STL, pybind11 or CUDA types, so every
-// backend (C++/OpenMP, CUDA) and every tool can include it.
+// A new entry point (backward, varlen, paged) adds a struct that extends this one. It holds no
+// STL, pybind11 or CUDA types, so every backend (C++/OpenMP, CUDA) and every tool can include
+// it.
 //
 // Index order. Every tensor is addressed through element strides (int64, may be 0 for
 // broadcast axes, may be negative for reversed views), so the same struct serves the "bhld"

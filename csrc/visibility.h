@@ -47,6 +47,20 @@ MHA_HD RowCoords row_coords(const AttentionParams& p, int64_t row) {
     return {b, h, i, h / (p.num_heads_q / p.num_heads_k)};
 }
 
+// The bool mask and the bias of query row (b, h, i): key j at [j * mask_stride_k] /
+// [j * bias_stride_k]; nullptr when absent. A is accum_t (the bias is stored in it).
+MHA_HD const uint8_t* mask_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+    return p.mask == nullptr ? nullptr
+                             : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
+                                   i * p.mask_stride_q;
+}
+template <typename A>
+MHA_HD const A* bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+    return p.bias == nullptr ? nullptr
+                             : static_cast<const A*>(p.bias) + b * p.bias_stride_batch +
+                                   h * p.bias_stride_head + i * p.bias_stride_q;
+}
+
 // Keys [lo, hi] of query row i (lk valid keys) through causal / window / key_lengths.
 MHA_HD KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lk) {
     const int64_t diag = i + (p.causal == Causal::kTopLeft ? 0 : lk - p.seqlen_q);

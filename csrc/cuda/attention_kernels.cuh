@@ -211,14 +211,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
                                               hk * p.v_stride_head;
             const A* kp = kAdditive ? a.k_proj + (b * p.num_heads_k + hk) * p.seqlen_k * a.dqk
                                     : nullptr;
-            const uint8_t* mask =
-                p.mask == nullptr ? nullptr
-                                  : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
-                                        i * p.mask_stride_q;
-            const A* bias = p.bias == nullptr ? nullptr
-                                              : static_cast<const A*>(p.bias) +
-                                                    b * p.bias_stride_batch +
-                                                    h * p.bias_stride_head + i * p.bias_stride_q;
+            const uint8_t* mask = mask_row(p, b, h, i);
+            const A* bias = bias_row<A>(p, b, h, i);
             for (int64_t j0 = j_lo; j0 <= j_hi; j0 += 32) {
                 const int64_t j = j0 + lane;
                 bool vis = j <= j_hi;
@@ -366,14 +360,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
         const A* kp = kAdditive && any
                           ? a.k_proj + (b * p.num_heads_k + hk) * p.seqlen_k * a.dqk
                           : nullptr;
-        const uint8_t* mask = p.mask == nullptr
-                                  ? nullptr
-                                  : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
-                                        i * p.mask_stride_q;
-        const A* bias = p.bias == nullptr ? nullptr
-                                          : static_cast<const A*>(p.bias) +
-                                                b * p.bias_stride_batch +
-                                                h * p.bias_stride_head + i * p.bias_stride_q;
+        const uint8_t* mask = mask_row(p, b, h, i);
+        const A* bias = bias_row<A>(p, b, h, i);
         for (int64_t j = lane; j < lk_all; j += 32) {
             bool vis = any && j >= rr.lo && j <= rr.hi;
             if (vis && mask != nullptr) vis = mask[j * p.mask_stride_k] != 0;
@@ -544,17 +532,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < 2; ++r) {
         rng[r] = row_i[r] < Lq ? visible_keys(p, row_i[r], lk) : KeyRange{1, 0};
     }
-    const uint8_t* mask_row[2] = {nullptr, nullptr};
-    const float* bias_row[2] = {nullptr, nullptr};
+    const uint8_t* mask_rows[2] = {nullptr, nullptr};
+    const float* bias_rows[2] = {nullptr, nullptr};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (row_i[r] < Lq && p.mask != nullptr) {
-            mask_row[r] = p.mask + b * p.mask_stride_batch + h * p.mask_stride_head +
-                          row_i[r] * p.mask_stride_q;
-        }
-        if (row_i[r] < Lq && p.bias != nullptr) {
-            bias_row[r] = static_cast<const float*>(p.bias) + b * p.bias_stride_batch +
-                          h * p.bias_stride_head + row_i[r] * p.bias_stride_q;
+        if (row_i[r] < Lq) {
+            mask_rows[r] = mask_row(p, b, h, row_i[r]);
+            bias_rows[r] = bias_row<float>(p, b, h, row_i[r]);
         }
     }
     const bool per_element = p.mask != nullptr || p.bias != nullptr;
@@ -645,11 +629,15 @@ __global__ void __launch_bounds__(kWarps * 32)
                     const int r = e >> 1;
                     const int64_t j = n0 + nt * 8 + t4 * 2 + (e & 1);
                     bool vis = j >= rng[r].lo && j <= rng[r].hi;  // also j < j_end <= lk
-                    if (vis && mask_row[r] != nullptr) vis = mask_row[r][j * p.mask_stride_k] != 0;
+                    if (vis && mask_rows[r] != nullptr) {
+                        vis = mask_rows[r][j * p.mask_stride_k] != 0;
+                    }
                     float x = ninf;
                     if (vis) {
                         x = s[nt][e] * scale_log2;
-                        if (bias_row[r] != nullptr) x += bias_row[r][j * p.bias_stride_k] * kLog2e;
+                        if (bias_rows[r] != nullptr) {
+                            x += bias_rows[r][j * p.bias_stride_k] * kLog2e;
+                        }
                     }
                     s[nt][e] = x;
                 }

@@ -264,14 +264,8 @@ struct Blocked : TileDims {
         const int64_t lk = valid_keys(p, b);
         const int64_t nqc = round_up(nq, kW);
         // No mask, bias or weights when packing (setup() decides): their row 0 is (h, i0).
-        const uint8_t* mask = p.mask == nullptr ? nullptr
-                                                : p.mask + b * p.mask_stride_batch +
-                                                      h * p.mask_stride_head +
-                                                      i0 * p.mask_stride_q;
-        const A* bias = p.bias == nullptr ? nullptr
-                                          : static_cast<const A*>(p.bias) +
-                                                b * p.bias_stride_batch +
-                                                h * p.bias_stride_head + i0 * p.bias_stride_q;
+        const uint8_t* mask = mask_row(p, b, h, i0);
+        const A* bias = bias_row<A>(p, b, h, i0);
         const int64_t ks = splits > 1 ? split * split_keys : 0;
         const int64_t ke = splits > 1 ? ks + split_keys : lk;
 
