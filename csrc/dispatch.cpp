@@ -54,6 +54,12 @@ void attention_forward(const AttentionParams& params) {
     throw std::invalid_argument("device: unknown device");
 }
 
+void attention_backward(const BackwardParams& params) {
+    check_backward_params(params);
+    if (params.batch == 0 || params.num_heads_q == 0) return;
+    attention_backward_cpu(params);
+}
+
 void merge_forward(const MergeParams& params) {
     check_merge_params(params);
     if (params.batch == 0 || params.num_heads == 0 || params.seqlen == 0) return;

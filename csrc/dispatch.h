@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_params.h"
 #include "merge_params.h"
 #include "params.h"
 
@@ -12,6 +13,9 @@ namespace mha {
 // check_params (params.h), then run on params.device. Throws std::runtime_error when that device is not
 // available (CUDA not built, no GPU) and for device failures.
 void attention_forward(const AttentionParams& params);
+
+// The backward pass (SPEC 6.4): check_backward_params, then the CPU kernel (the only one).
+void attention_backward(const BackwardParams& params);
 
 // Merge partial results over disjoint key shards (SPEC 6.1): check_merge_params, then the
 // CPU pass.

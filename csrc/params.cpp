@@ -4,6 +4,7 @@
 // this function through attention_forward(), so no backend sees an unchecked struct.
 #include "params.h"
 
+#include "backward_params.h"
 #include "merge_params.h"
 
 #include <cmath>
@@ -87,6 +88,26 @@ void check_params(const AttentionParams& p) {
         MHA_CHECK(p.seqlen_k == 0 || (p.k != nullptr && p.v != nullptr),
                   "attention: k and v must be given");
     }
+}
+
+void check_backward_params(const BackwardParams& p) {
+    check_params(p);
+    MHA_CHECK(p.device == Device::kCpu,
+              "device: the backward pass runs on the CPU only (device='cpu')");
+    MHA_CHECK(p.weights == nullptr, "attention_backward: weights are not an output here");
+    MHA_CHECK(p.score != Score::kAdditive,
+              "score: the backward pass supports the dot, scaled-dot and General scores");
+    const bool work = p.batch > 0 && p.num_heads_q > 0;
+    if (work) {
+        MHA_CHECK(p.dk != nullptr && p.dv != nullptr, "attention_backward: dk and dv must be given");
+    }
+    if (work && p.seqlen_q > 0) {
+        MHA_CHECK(p.dout != nullptr && p.lse != nullptr && p.dq != nullptr,
+                  "attention_backward: dout, out, lse and dq must be given");
+        MHA_CHECK(p.score != Score::kGeneral || p.dscore_wq != nullptr,
+                  "score: General's gradient dW must be given");
+    }
+    MHA_CHECK(p.dbias == nullptr || p.bias != nullptr, "return_dbias: needs a bias");
 }
 
 void check_merge_params(const MergeParams& p) {

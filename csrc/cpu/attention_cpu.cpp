@@ -16,6 +16,7 @@ namespace mha {
     namespace ns {                                             \
     void attention_forward(const AttentionParams& params);     \
     void attention_forward_naive(const AttentionParams& params); \
+    void attention_backward(const BackwardParams& params);      \
     }
 MHA_CPU_DECLARE_ISA(cpu_generic)
 #if defined(MHA_CPU_HAVE_avx2)
@@ -30,6 +31,7 @@ struct CpuIsa {
     bool (*supported)();  // this CPU (and OS) can run the path
     void (*forward)(const AttentionParams&);
     void (*naive)(const AttentionParams&);
+    void (*backward)(const BackwardParams&);
 };
 
 // Best first; generic, the portable build, is always last and always supported.
@@ -41,10 +43,11 @@ const CpuIsa kIsas[] = {
          return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                 __builtin_cpu_supports("f16c");
      },
-     &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive},
+     &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive,
+     &cpu_avx2::attention_backward},
 #endif
     {"generic", [] { return true; }, &cpu_generic::attention_forward,
-     &cpu_generic::attention_forward_naive},
+     &cpu_generic::attention_forward_naive, &cpu_generic::attention_backward},
 };
 constexpr int kNumIsas = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
 
@@ -107,6 +110,12 @@ void attention_forward_cpu(const AttentionParams& params) {
     const Choice& c = choice();
     if (c.isa == nullptr) throw std::runtime_error(c.info.error);
     c.isa->forward(params);
+}
+
+void attention_backward_cpu(const BackwardParams& params) {
+    const Choice& c = choice();
+    if (c.isa == nullptr) throw std::runtime_error(c.info.error);
+    c.isa->backward(params);
 }
 
 void attention_forward_cpu_naive(const AttentionParams& params) {

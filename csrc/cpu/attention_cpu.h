@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_params.h"
 #include "params.h"
 
 namespace mha {
@@ -12,6 +13,9 @@ namespace mha {
 // Blocked kernel on the chosen instruction set (see attention_cpu_simd()). Throws
 // std::runtime_error when MHA_EXT_SIMD names a path this build or CPU cannot run.
 void attention_forward_cpu(const AttentionParams& params);
+
+// Tiled backward (SPEC 6.4) on the chosen instruction set; same errors as the forward.
+void attention_backward_cpu(const BackwardParams& params);
 
 // One row at a time, the textbook formula: documents the math, cross-checks the blocked
 // kernel. Always the portable (generic) build, so every path is checked against one reference.

@@ -19,11 +19,14 @@
 //                              tile), heaviest first, dynamic. Weights, when asked for, come
 //                              from a second pass over the tiles: w = exp(s - lse), so no
 //                              Lq x Lk buffer exists otherwise.
+//   attention_backward         tiled backward (kernel/backward.h, SPEC 6.4): FlashAttention-2's
+//                              algorithm over key blocks, P recomputed from lse.
 //
 // Conventions: a row with no visible key (max = -inf) gets output 0, weights 0, lse = -inf
 // (PyTorch's _safe_softmax, FlashAttention, ggml). A NaN score in a visible position poisons
 // its row: output, weights and lse become NaN, never a silent 0.
 #include "cpu/attention_cpu.h"
+#include "cpu/kernel/backward.h"
 #include "cpu/kernel/naive.h"
 #include "cpu/kernel/tile_loop.h"
 #include "switch.h"
@@ -37,6 +40,10 @@ void attention_forward(const AttentionParams& p) {
 
 void attention_forward_naive(const AttentionParams& p) {
     MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_naive<T, A>(p); });
+}
+
+void attention_backward(const BackwardParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { backward_blocked<T, A>(p); });
 }
 
 }  // namespace MHA_CPU_NS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _core
 from ._attention import attention, build_info, cuda_available
+from ._backward import attention_backward
 from ._scores import Additive, Concat, General
 from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from .s2 import S2Attention
@@ -26,6 +27,7 @@ __all__ = [
     "TransformerEncoderLayer",
     "__version__",
     "attention",
+    "attention_backward",
     "build_info",
     "cuda_available",
     "merge",
