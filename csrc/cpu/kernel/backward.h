@@ -47,14 +47,17 @@ struct BwdBuffers {
     A* dk_acc;   // (bk, dkp)   dK of the block (before the General projection)
     A* dv_acc;   // (bk, dvp)
     A* q_raw;    // (bq, dq)    query rows (General: the input of Q W)
-    A* q_rows;   // (bq, dkp)   scale * Q' rows, zero padded
-    A* qt;       // (dk, bq)    scale * Q'^T
-    A* do_rows;  // (bq, dvp)   dout rows, zero padded
-    A* dot;      // (dv, bq)    dout^T
+    // The task's query side, packed once per task for all group x Lq rows, tile by tile
+    // (nt = group * ceil(Lq / bq) tiles): the key blocks then only read it.
+    A* q_rows;   // (nt, bq, dkp)  scale * Q' rows, zero padded
+    A* qt;       // (nt, dk, bq)   scale * Q'^T (ld: the tile's nqc)
+    A* do_rows;  // (nt, bq, dvp)  dout rows, zero padded
+    A* dot;      // (nt, dv, bq)   dout^T (ld: the tile's nqc)
+    A* lse;      // (nt, bq)       lse per column (+inf for empty rows: P = 0)
+    A* dd;       // (nt, bq)       D per column
+    int32_t* finite;  // (nt)      the tile's values are all finite
     A* st;       // (bk, bq)    S^T, then P^T
     A* dst;      // (bk, bq)    dP^T, then dS^T
-    A* lse;      // (bq)        lse per column (+inf for empty rows: P = 0)
-    A* dd;       // (bq)        D per column
     int32_t* lo;      // (bq)
     int32_t* hi;      // (bq)
     KeyRange* range;  // (bq)
@@ -68,7 +71,7 @@ struct Backward {
     const BackwardParams& p;
     int64_t dq = 0, dk = 0, dv = 0, dkp = 0, dvp = 0;
     int64_t group = 1, bq = kBwdBlockQ, bk = kBwdBlockK;
-    int64_t n_kblocks = 0, splits = 1;
+    int64_t n_kblocks = 0, splits = 1, n_qtiles = 0;
     A scale = 1;
     A* w_gen = nullptr;  // General: W (dq, dkp) zero padded
     A* dvec = nullptr;   // (B, Hq, Lq) D = rowsum(dout * out)
@@ -89,9 +92,12 @@ struct Backward {
         const int64_t a = sizeof(A), pad = 64;
         int64_t n = 0;
         n += 2 * round_up(bk * dkp * a, pad) + 2 * round_up(bk * dvp * a, pad);
-        n += round_up(bq * dq * a, pad) + round_up(bq * dkp * a, pad) + round_up(dk * bq * a, pad);
-        n += round_up(bq * dvp * a, pad) + round_up(dv * bq * a, pad);
-        n += 2 * round_up(bk * bq * a, pad) + 2 * round_up(bq * a, pad);
+        const int64_t nt = group * n_qtiles;
+        n += round_up(bq * dq * a, pad) + round_up(nt * bq * dkp * a, pad) +
+             round_up(nt * dk * bq * a, pad);
+        n += round_up(nt * bq * dvp * a, pad) + round_up(nt * dv * bq * a, pad);
+        n += 2 * round_up(bk * bq * a, pad) + 2 * round_up(nt * bq * a, pad) +
+             round_up(nt * 4, pad);
         n += 2 * round_up(bq * 4, pad) + round_up(bq * static_cast<int64_t>(sizeof(KeyRange)), pad);
         if (own_dq) n += round_up(group * p.seqlen_q * dkp * a, pad);
         if (p.score == Score::kGeneral) n += round_up(dq * dkp * a, pad);
@@ -104,15 +110,17 @@ struct Backward {
         b.v_rows = sc.take<A>(bk * dvp);
         b.dk_acc = sc.take<A>(bk * dkp);
         b.dv_acc = sc.take<A>(bk * dvp);
+        const int64_t nt = group * n_qtiles;
         b.q_raw = sc.take<A>(bq * dq);
-        b.q_rows = sc.take<A>(bq * dkp);
-        b.qt = sc.take<A>(dk * bq);
-        b.do_rows = sc.take<A>(bq * dvp);
-        b.dot = sc.take<A>(dv * bq);
+        b.q_rows = sc.take<A>(nt * bq * dkp);
+        b.qt = sc.take<A>(nt * dk * bq);
+        b.do_rows = sc.take<A>(nt * bq * dvp);
+        b.dot = sc.take<A>(nt * dv * bq);
+        b.lse = sc.take<A>(nt * bq);
+        b.dd = sc.take<A>(nt * bq);
+        b.finite = sc.take<int32_t>(nt);
         b.st = sc.take<A>(bk * bq);
         b.dst = sc.take<A>(bk * bq);
-        b.lse = sc.take<A>(bq);
-        b.dd = sc.take<A>(bq);
         b.lo = sc.take<int32_t>(bq);
         b.hi = sc.take<int32_t>(bq);
         b.range = sc.take<KeyRange>(bq);
@@ -166,38 +174,48 @@ struct Backward {
         }
     }
 
-    // Loads query tile rows i0 .. i0+nq of head h (Q', dout, lse, D; transposes).
-    // Returns whether every loaded value is finite.
-    bool load_query_tile(const BwdBuffers<A>& buf, int64_t b, int64_t h, int64_t i0,
-                         int64_t nq, int64_t nqc) const {
+    // One packed query tile of the task (see BwdBuffers).
+    struct QTile {
+        A *q_rows, *qt, *do_rows, *dot, *lse, *dd;
+        int32_t* finite;
+    };
+    QTile qtile(const BwdBuffers<A>& buf, int64_t ti) const {
+        return {buf.q_rows + ti * bq * dkp, buf.qt + ti * dk * bq, buf.do_rows + ti * bq * dvp,
+                buf.dot + ti * dv * bq,      buf.lse + ti * bq,    buf.dd + ti * bq,
+                buf.finite + ti};
+    }
+
+    // Packs query tile rows i0 .. i0+nq of head h (Q', dout, lse, D; transposes) into qt_.
+    void load_query_tile(const BwdBuffers<A>& buf, const QTile& t, int64_t b, int64_t h,
+                         int64_t i0, int64_t nq, int64_t nqc) const {
         const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
                      i0 * p.q_stride_seq;
         const T* g = static_cast<const T*>(p.dout) + b * p.dout_stride_batch +
                      h * p.dout_stride_head + i0 * p.dout_stride_seq;
         if (p.score == Score::kGeneral) {
             for (int64_t r = 0; r < nq; ++r) load_row(q + r * p.q_stride_seq, buf.q_raw + r * dq, dq, A(1));
-            gemm<A, false>(nq, dkp, dq, buf.q_raw, dq, 1, w_gen, dkp, buf.q_rows, dkp);
-            for (int64_t x = 0; x < nq * dkp; ++x) buf.q_rows[x] *= scale;
+            gemm<A, false>(nq, dkp, dq, buf.q_raw, dq, 1, w_gen, dkp, t.q_rows, dkp);
+            for (int64_t x = 0; x < nq * dkp; ++x) t.q_rows[x] *= scale;
         } else {
             for (int64_t r = 0; r < nq; ++r) {
-                A* row = buf.q_rows + r * dkp;
+                A* row = t.q_rows + r * dkp;
                 load_row(q + r * p.q_stride_seq, row, dq, scale);
                 for (int64_t d = dq; d < dkp; ++d) row[d] = 0;
             }
         }
         for (int64_t r = 0; r < nq; ++r) {
-            A* row = buf.do_rows + r * dvp;
+            A* row = t.do_rows + r * dvp;
             load_row(g + r * p.dout_stride_seq, row, dv, A(1));
             for (int64_t d = dv; d < dvp; ++d) row[d] = 0;
         }
         for (int64_t d = 0; d < dk; ++d) {
-            A* col = buf.qt + d * nqc;
-            for (int64_t r = 0; r < nq; ++r) col[r] = buf.q_rows[r * dkp + d];
+            A* col = t.qt + d * nqc;
+            for (int64_t r = 0; r < nq; ++r) col[r] = t.q_rows[r * dkp + d];
             for (int64_t r = nq; r < nqc; ++r) col[r] = 0;
         }
         for (int64_t d = 0; d < dv; ++d) {
-            A* col = buf.dot + d * nqc;
-            for (int64_t r = 0; r < nq; ++r) col[r] = buf.do_rows[r * dvp + d];
+            A* col = t.dot + d * nqc;
+            for (int64_t r = 0; r < nq; ++r) col[r] = t.do_rows[r * dvp + d];
             for (int64_t r = nq; r < nqc; ++r) col[r] = 0;
         }
         const int64_t row0 = (b * p.num_heads_q + h) * p.seqlen_q + i0;
@@ -205,18 +223,18 @@ struct Backward {
         const A inf = std::numeric_limits<A>::infinity();
         A z = 0;
         for (int64_t r = 0; r < nq; ++r) {
-            buf.lse[r] = lse[r] == -inf ? inf : lse[r];  // empty row: exp(s - inf) = 0
-            buf.dd[r] = dvec[row0 + r];
+            t.lse[r] = lse[r] == -inf ? inf : lse[r];  // empty row: exp(s - inf) = 0
+            t.dd[r] = dvec[row0 + r];
             z += lse[r] == -inf ? A(0) : lse[r] * A(0);
-            z += buf.dd[r] * A(0);
+            z += t.dd[r] * A(0);
         }
         for (int64_t r = nq; r < nqc; ++r) {
-            buf.lse[r] = inf;
-            buf.dd[r] = 0;
+            t.lse[r] = inf;
+            t.dd[r] = 0;
         }
-        for (int64_t x = 0; x < nq * dkp; ++x) z += buf.q_rows[x] * A(0);
-        for (int64_t x = 0; x < nq * dvp; ++x) z += buf.do_rows[x] * A(0);
-        return z == 0;  // inf * 0 and nan * 0 are nan
+        for (int64_t x = 0; x < nq * dkp; ++x) z += t.q_rows[x] * A(0);
+        for (int64_t x = 0; x < nq * dvp; ++x) z += t.do_rows[x] * A(0);
+        *t.finite = z == 0;  // inf * 0 and nan * 0 are nan
     }
 
     // C (m x n, ldc) += A B skipping zero coefficients of A (a[r * a_rs + kk * a_cs]), so a
@@ -235,8 +253,8 @@ struct Backward {
     }
 
     // The block of keys j0 .. j0+nk (valid ones) against query tile i0 .. i0+nq of head h.
-    void tile(const BwdBuffers<A>& buf, int64_t b, int64_t h, int64_t i0, int64_t nq,
-              int64_t j0, int64_t nk, bool keys_finite, A* dq_rows) const {
+    void tile(const BwdBuffers<A>& buf, const QTile& t, int64_t b, int64_t h, int64_t i0,
+              int64_t nq, int64_t j0, int64_t nk, bool keys_finite, A* dq_rows) const {
         const int64_t nqc = round_up(nq, kW);
         const int64_t lk = valid_keys(p, b);
         for (int64_t r = 0; r < nq; ++r) {
@@ -255,45 +273,45 @@ struct Backward {
         const TileBuffers<A> tv = tile_view(buf);
         const TileBlock blk = block_visibility(p, tv, j0, nq, nk, mask);
         if (!blk.any) return;
-        const bool finite = load_query_tile(buf, b, h, i0, nq, nqc) && keys_finite;
+        const bool finite = *t.finite != 0 && keys_finite;
         using V = vec_t<A>;
         const V neg_inf = vbroadcast<A>(-std::numeric_limits<A>::infinity());
 
         // S^T (nk x nqc) = K Q'^T, bias added, hidden pairs -inf.
-        gemm<A, false>(nk, nqc, dk, buf.k_rows, dkp, 1, buf.qt, nqc, buf.st, nqc);
+        gemm<A, false>(nk, nqc, dk, buf.k_rows, dkp, 1, t.qt, nqc, buf.st, nqc);
         bias_and_hide(p, tv, blk, j0, nqc, 0, nq, nk, mask, bias);
         // P^T = exp(S^T - lse), exactly 0 where hidden.
         for (int64_t j = 0; j < nk; ++j) {
             A* sj = buf.st + j * nqc;
             for (int64_t c = 0; c < nqc; c += kW) {
                 const V s = vload(sj + c);
-                const V e = vexp(s - vload(buf.lse + c));
+                const V e = vexp(s - vload(t.lse + c));
                 vstore(sj + c, s == neg_inf ? V{} : e);
             }
         }
         // dP^T (nk x nqc) = V dO^T.
-        gemm<A, false>(nk, nqc, dv, buf.v_rows, dvp, 1, buf.dot, nqc, buf.dst, nqc);
+        gemm<A, false>(nk, nqc, dv, buf.v_rows, dvp, 1, t.dot, nqc, buf.dst, nqc);
         // dS^T = P^T (dP^T - D), 0 where P = 0 (a hidden Inf/NaN value never leaks).
         for (int64_t j = 0; j < nk; ++j) {
             const A* pj = buf.st + j * nqc;
             A* dj = buf.dst + j * nqc;
             for (int64_t c = 0; c < nqc; c += kW) {
                 const V pv = vload(pj + c);
-                const V ds = pv * (vload(dj + c) - vload(buf.dd + c));
+                const V ds = pv * (vload(dj + c) - vload(t.dd + c));
                 vstore(dj + c, pv == V{} ? V{} : ds);
             }
         }
         if (p.dbias != nullptr) add_dbias(buf, b, h, i0, nq, nqc, j0, nk);
         const bool hidden = !blk.inside || blk.masked || p.bias != nullptr;
         if (hidden && !finite) {
-            gemm_skip_zero(nk, dvp, nq, buf.st, nqc, 1, buf.do_rows, dvp, buf.dv_acc, dvp);
-            gemm_skip_zero(nk, dkp, nq, buf.dst, nqc, 1, buf.q_rows, dkp, buf.dk_acc, dkp);
+            gemm_skip_zero(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
+            gemm_skip_zero(nk, dkp, nq, buf.dst, nqc, 1, t.q_rows, dkp, buf.dk_acc, dkp);
             gemm_skip_zero(nq, dkp, nk, buf.dst, 1, nqc, buf.k_rows, dkp, dq_rows, dkp);
             return;
         }
         // dV (nk x dvp) += P^T dO;  dK (nk x dkp) += dS^T (scale Q');  dQ' (nq x dkp) += dS K.
-        gemm<A, true>(nk, dvp, nq, buf.st, nqc, 1, buf.do_rows, dvp, buf.dv_acc, dvp);
-        gemm<A, true>(nk, dkp, nq, buf.dst, nqc, 1, buf.q_rows, dkp, buf.dk_acc, dkp);
+        gemm<A, true>(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
+        gemm<A, true>(nk, dkp, nq, buf.dst, nqc, 1, t.q_rows, dkp, buf.dk_acc, dkp);
         gemm<A, true>(nq, dkp, nk, buf.dst, 1, nqc, buf.k_rows, dkp, dq_rows, dkp);
     }
 
@@ -347,6 +365,13 @@ struct Backward {
             dq_base = dq_split + ((s * p.batch + b) * p.num_heads_q + hk * group) * Lq * dkp;
         }
         for (int64_t x = 0; x < group * Lq * dkp; ++x) dq_base[x] = 0;
+        for (int64_t hh = 0; hh < group; ++hh) {
+            for (int64_t qi = 0; qi < n_qtiles; ++qi) {
+                const int64_t i0 = qi * bq, nq = min_of(bq, Lq - i0);
+                load_query_tile(buf, qtile(buf, hh * n_qtiles + qi), b, hk * group + hh, i0, nq,
+                                round_up(nq, kW));
+            }
+        }
         for (int64_t kb = s; kb < n_kblocks; kb += splits) {
             if (stopped()) return;
             const int64_t j0 = kb * bk;
@@ -373,13 +398,13 @@ struct Backward {
                 const bool keys_finite = z == 0;
                 for (int64_t hh = 0; hh < group; ++hh) {
                     const int64_t h = hk * group + hh;
-                    for (int64_t i0 = 0; i0 < Lq; i0 += bq) {
-                        const int64_t nq = min_of(bq, Lq - i0);
+                    for (int64_t qi = 0; qi < n_qtiles; ++qi) {
+                        const int64_t i0 = qi * bq, nq = min_of(bq, Lq - i0);
                         // Rows' visible ranges grow with i: a cheap test skips whole tiles.
                         const KeyRange first = visible_keys(p, i0, lk);
                         const KeyRange last = visible_keys(p, i0 + nq - 1, lk);
                         if (last.hi < j0 || first.lo > j0 + nk - 1) continue;
-                        tile(buf, b, h, i0, nq, j0, nk, keys_finite,
+                        tile(buf, qtile(buf, hh * n_qtiles + qi), b, h, i0, nq, j0, nk, keys_finite,
                              dq_base + (hh * Lq + i0) * dkp);
                     }
                 }
@@ -438,6 +463,7 @@ struct Backward {
         bq = min_of(kBwdBlockQ, round_up(max_of<int64_t>(Lq, 1), kW));
         bk = min_of(kBwdBlockK, max_of<int64_t>(p.seqlen_k, 1));
         n_kblocks = (p.seqlen_k + bk - 1) / bk;
+        n_qtiles = (Lq + bq - 1) / bq;
 
         int threads = 1;
 #ifdef _OPENMP
