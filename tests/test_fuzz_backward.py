@@ -1,0 +1,107 @@
+"""Hypothesis fuzzing of mha_ext.attention_backward against torch autograd (float64 math).
+
+Like test_fuzz_diff.py for the forward: random ranks, layouts, GQA groups, lengths that cross
+tiles, odd head dims, causal alignments, windows, key_lengths, bool masks and broadcast
+biases (with dbias), the dot / scaled-dot / General scores, float32 and float64. A fixed
+example sequence by default (MHA_EXT_FUZZ_RANDOM=1 draws fresh ones).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mha_ext
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import from_bhld
+
+pytest.importorskip("torch")
+from test_backward import rel_err, torch_grads  # noqa: E402
+
+EXAMPLES = int(os.environ.get("MHA_EXT_FUZZ_EXAMPLES", "300")) // 6
+
+SETTINGS = settings(
+    max_examples=max(1, EXAMPLES),
+    deadline=None,
+    database=None,
+    print_blob=True,
+    derandomize=os.environ.get("MHA_EXT_FUZZ_RANDOM") != "1",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+lengths = st.one_of(st.sampled_from([1, 2, 7, 63, 64, 65, 97]), st.integers(1, 80))
+dims = st.one_of(st.sampled_from([1, 3, 8, 16, 17, 33, 64]), st.integers(1, 40))
+side = st.one_of(st.none(), st.integers(0, 10), st.integers(11, 100))
+
+
+@st.composite
+def problems(draw):
+    rank = draw(st.sampled_from([2, 3, 4]))
+    layout = draw(st.sampled_from(["bhld", "blhd"]))
+    B = draw(st.integers(1, 2)) if rank == 4 else 1
+    Hk = draw(st.integers(1, 2)) if rank >= 3 else 1
+    Hq = Hk * (draw(st.integers(1, 3)) if rank >= 3 else 1)
+    Lq, Lk = draw(lengths), draw(lengths)
+    D, Dv = draw(dims), draw(dims)
+    score = draw(st.sampled_from(["scaled_dot", "dot", "general"]))
+    Dk = draw(dims) if score == "general" else D
+    p = {
+        "rank": rank, "layout": layout, "shape": (B, Hq, Hk, Lq, Lk, D, Dk, Dv),
+        "score": score, "dtype": draw(st.sampled_from([np.float32, np.float64])),
+        "causal": draw(st.sampled_from([False, True, "top_left"])),
+        "window": draw(st.one_of(st.none(), st.tuples(side, side))),
+        "key_lengths": draw(st.one_of(st.none(), st.lists(st.integers(0, Lk), min_size=B,
+                                                            max_size=B))) if rank == 4 else None,
+        "mask": draw(st.sampled_from([None, "keys", "full"])),
+        "bias": draw(st.sampled_from([None, "lk", "full"])),
+        "seed": draw(st.integers(0, 2**31)),
+    }
+    return p
+
+
+@SETTINGS
+@given(problems())
+def test_backward_matches_autograd(p):
+    rng = np.random.default_rng(p["seed"])
+    B, Hq, Hk, Lq, Lk, D, Dk, Dv = p["shape"]
+    rank, layout, dtype = p["rank"], p["layout"], p["dtype"]
+
+    def make(h, L, d):
+        return from_bhld(rng.standard_normal((B, h, L, d)), rank, layout).astype(dtype)
+
+    q, k, v = make(Hq, Lq, D), make(Hk, Lk, Dk), make(Hk, Lk, Dv)
+    lead = (B, Hq)[4 - rank:] if rank > 2 else ()
+    kw = {"causal": p["causal"], "layout": layout}
+    if p["window"] is not None:
+        kw["window"] = p["window"]
+    if p["key_lengths"] is not None:
+        kw["key_lengths"] = p["key_lengths"]
+    if p["mask"] == "keys":
+        kw["mask"] = rng.random(Lk) < 0.8
+    elif p["mask"] == "full":
+        kw["mask"] = rng.random((*lead, Lq, Lk)) < 0.7
+    if p["bias"] == "lk":
+        kw["bias"] = rng.standard_normal(Lk).astype(np.float32)
+    elif p["bias"] == "full":
+        kw["bias"] = rng.standard_normal((*lead, Lq, Lk)).astype(np.float32)
+    if p["score"] == "general":
+        kw["score"] = mha_ext.General(rng.standard_normal((D, Dk)) / np.sqrt(D))
+    elif p["score"] == "dot":
+        kw["score"] = "dot"
+        kw["scale"] = 0.2
+    out, lse = mha_ext.attention(q, k, v, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = mha_ext.attention_backward(dout, q, k, v, out, lse,
+                                       return_dbias="bias" in kw, **kw)
+    ref = torch_grads(dout, q, k, v, **kw)
+    tol = 5e-6 if dtype == np.float32 else 1e-11
+    pairs = [("dq", grads[0], ref[1]), ("dk", grads[1], ref[2]), ("dv", grads[2], ref[3])]
+    if p["score"] == "general":
+        pairs.append(("dW", grads[3].W, ref[4]))
+    if "bias" in kw:
+        pairs.append(("dbias", grads[-1], ref[5]))
+    for name, got, want in pairs:
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
