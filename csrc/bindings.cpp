@@ -682,8 +682,8 @@ void run_backward_released(BackwardParams& p) {
     }
 }
 
-// -> (dq, dk, dv, dscore, dbias): dscore a tuple of parameter gradients (General: (dW,)) or
-// None, dbias an array or None.
+// -> (dq, dk, dv, dscore, dbias): dscore a tuple of parameter gradients (General: (dW,),
+// additive: (dW_q, dW_k, dw)) or None, dbias an array or None.
 py::tuple attention_backward_py(py::object dout, py::object q, py::object k, py::object v,
                                 py::object out, py::object lse, py::object mask,
                                 py::object bias, int causal, long long window_left,
@@ -764,6 +764,14 @@ py::tuple attention_backward_py(py::object dout, py::object q, py::object k, py:
         py::array dw(acc_dtype, std::vector<int64_t>{s.Q.d, s.K.d});
         p.dscore_wq = dw.mutable_data();
         dscore = py::make_tuple(dw);
+    } else if (p.score == Score::kAdditive) {
+        py::array dwq(acc_dtype, std::vector<int64_t>{s.Q.d, p.score_dim});
+        py::array dwk(acc_dtype, std::vector<int64_t>{s.K.d, p.score_dim});
+        py::array dw(acc_dtype, std::vector<int64_t>{p.score_dim});
+        p.dscore_wq = dwq.mutable_data();
+        p.dscore_wk = dwk.mutable_data();
+        p.dscore_w = dw.mutable_data();
+        dscore = py::make_tuple(dwq, dwk, dw);
     }
 
     run_backward_released(p);  // check_backward_params(), then the CPU kernel

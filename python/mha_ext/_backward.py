@@ -28,7 +28,7 @@ from ._attention import (
     _split_concat,
     _window,
 )
-from ._scores import General
+from ._scores import Additive, Concat, General
 
 __all__ = ["attention_backward"]
 
@@ -83,8 +83,10 @@ def attention_backward(
     -------
     tuple
         ``(dq, dk, dv)`` in the input dtype and layout (under GQA ``dk``/``dv`` are summed
-        over the query heads of each group); then, for a ``General`` score, ``General(dW)``
-        (a score object holding the gradient of its matrix); then ``dbias`` when asked for.
+        over the query heads of each group); then, for a parametrised score, a score object
+        of the same class holding the gradients of its parameters (``General(dW)``,
+        ``Additive(dW_q, dW_k, dw)``, ``Concat(dW, dw)``, float32 or float64); then
+        ``dbias`` when asked for.
         Rows that saw no key (lse ``-inf``) get zero gradients.
 
     Raises
@@ -138,9 +140,14 @@ def attention_backward(
         kind, w1, w2, w3, layout == "blhd", dev, num_threads,
         _flag(return_dbias, "return_dbias"),
     )
-    grads: list[Union[np.ndarray, General]] = [dq, dk, dv]
+    grads: list[Union[np.ndarray, General, Additive, Concat]] = [dq, dk, dv]
     if isinstance(score, General):
         grads.append(General(dscore[0]))
+    elif isinstance(score, Additive):
+        grads.append(Additive(*dscore))
+    elif isinstance(score, Concat):
+        # [q; k] W = q W[:D] + k W[D:]: dW stacks the two halves.
+        grads.append(Concat(np.concatenate([dscore[0], dscore[1]]), dscore[2]))
     if return_dbias:
         grads.append(dbias)
     return tuple(grads)

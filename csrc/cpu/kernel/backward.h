@@ -1,7 +1,7 @@
 // Backward room of the CPU kernel (SPEC 6.4): FlashAttention-2's backward, tiled.
 //
 // Versions:
-//   backward_blocked   dot / scaled-dot and General scores. Per row, D = rowsum(dout * out)
+//   backward_blocked   every score (dot / scaled-dot, General, additive = Concat). Per row, D = rowsum(dout * out)
 //                      first (one pass, (B, Hq, Lq) accum_t). Then tasks own the key blocks
 //                      of one (batch, key head), walk them in order and, for every query
 //                      head of the group and every query tile that can see the block,
@@ -11,6 +11,9 @@
 //                        dK  += dS^T (scale Q')  dQ' += scale dS K
 //                      with the register-blocked GEMM of micro.h; Q' = Q (dot) or Q W
 //                      (General), and dq = dQ' W^T, dW = sum_rows Q^T dQ' at the end.
+//                      Additive: Q' = Q W_q and K' = K W_k (width A); the scores and, from
+//                      dS, dQ', dK' and dw are formed pair by pair with tanh recomputed
+//                      (O(L A) memory, never O(Lq Lk A)); dk = dK' W_k^T, dW_k = K^T dK'.
 //                      dK and dV of a block are finished in the task (no reduction); dQ' is
 //                      accumulated per task in accum_t.
 //   Parallelism:       with at least as many (batch, key head) groups as threads each task
@@ -46,7 +49,7 @@ struct BwdBuffers {
     A* v_rows;   // (bk, dvp)   values, zero padded
     A* dk_acc;   // (bk, dkp)   dK of the block (before the General projection)
     A* dv_acc;   // (bk, dvp)
-    A* q_raw;    // (bq, dq)    query rows (General: the input of Q W)
+    A* q_raw;    // (bq, dq)    query rows (General / additive: the input of Q W); at least dk
     // The task's query side, packed once per task for all group x Lq rows, tile by tile
     // (nt = group * ceil(Lq / bq) tiles): the key blocks then only read it.
     A* q_rows;   // (nt, bq, dkp)  scale * Q' rows, zero padded
@@ -62,18 +65,27 @@ struct BwdBuffers {
     int32_t* hi;      // (bq)
     KeyRange* range;  // (bq)
     A* dq_group;  // (group * Lq, dkp) this task's dQ' (one task per group), or nullptr
-    A* dw;        // (dq, dkp)  General: this thread's share of dW
+    A* dw;        // (dq, dkp)  General / additive: this thread's share of dW (dW_q)
+    A* k_raw;     // (bk, dk)   additive: the key rows (K' = K W_k is in k_rows)
+    A* dwk;       // (dk, dkp)  additive: this thread's share of dW_k
+    A* dwv;       // (dkp)      additive: this thread's share of dw
 };
 
 template <typename T, typename A>
 struct Backward {
     static constexpr int kW = Vec<A>::kWidth;
     const BackwardParams& p;
-    int64_t dq = 0, dk = 0, dv = 0, dkp = 0, dvp = 0;
+    // dkp: the width of the Q' / K' rows, zero padded: dk rounded up to the vector width for
+    // dot / General, the additive width A rounded up for additive (Q' = Q W_q, K' = K W_k).
+    // qcols: the real columns of W (General: dk; additive: A).
+    int64_t dq = 0, dk = 0, dv = 0, dkp = 0, dvp = 0, qcols = 0;
+    bool additive = false;
     int64_t group = 1, bq = kBwdBlockQ, bk = kBwdBlockK;
     int64_t n_kblocks = 0, splits = 1, n_qtiles = 0;
     A scale = 1;
-    A* w_gen = nullptr;  // General: W (dq, dkp) zero padded
+    A* w_gen = nullptr;  // General: W (dq, dkp); additive: W_q (dq, dkp); zero padded
+    A* w_k = nullptr;    // additive: W_k (dk, dkp)
+    A* w_vec = nullptr;  // additive: w (dkp)
     A* dvec = nullptr;   // (B, Hq, Lq) D = rowsum(dout * out)
     A* dq_split = nullptr;  // (splits, B, Hq, Lq, dkp) when splits > 1
     mutable int stop = 0;
@@ -93,14 +105,15 @@ struct Backward {
         int64_t n = 0;
         n += 2 * round_up(bk * dkp * a, pad) + 2 * round_up(bk * dvp * a, pad);
         const int64_t nt = group * n_qtiles;
-        n += round_up(bq * dq * a, pad) + round_up(nt * bq * dkp * a, pad) +
+        n += round_up(max_of(bq * dq, dk) * a, pad) + round_up(nt * bq * dkp * a, pad) +
              round_up(nt * dk * bq * a, pad);
         n += round_up(nt * bq * dvp * a, pad) + round_up(nt * dv * bq * a, pad);
         n += 2 * round_up(bk * bq * a, pad) + 2 * round_up(nt * bq * a, pad) +
              round_up(nt * 4, pad);
         n += 2 * round_up(bq * 4, pad) + round_up(bq * static_cast<int64_t>(sizeof(KeyRange)), pad);
         if (own_dq) n += round_up(group * p.seqlen_q * dkp * a, pad);
-        if (p.score == Score::kGeneral) n += round_up(dq * dkp * a, pad);
+        if (p.score != Score::kDot) n += round_up(dq * dkp * a, pad);
+        if (additive) n += round_up(bk * dk * a, pad) + round_up(dk * dkp * a, pad) + round_up(dkp * a, pad);
         return n + pad;
     }
 
@@ -111,7 +124,7 @@ struct Backward {
         b.dk_acc = sc.take<A>(bk * dkp);
         b.dv_acc = sc.take<A>(bk * dvp);
         const int64_t nt = group * n_qtiles;
-        b.q_raw = sc.take<A>(bq * dq);
+        b.q_raw = sc.take<A>(max_of(bq * dq, dk));
         b.q_rows = sc.take<A>(nt * bq * dkp);
         b.qt = sc.take<A>(nt * dk * bq);
         b.do_rows = sc.take<A>(nt * bq * dvp);
@@ -125,10 +138,17 @@ struct Backward {
         b.hi = sc.take<int32_t>(bq);
         b.range = sc.take<KeyRange>(bq);
         b.dq_group = own_dq ? sc.take<A>(group * p.seqlen_q * dkp) : nullptr;
-        b.dw = nullptr;
-        if (p.score == Score::kGeneral) {
+        b.dw = b.k_raw = b.dwk = b.dwv = nullptr;
+        if (p.score != Score::kDot) {
             b.dw = sc.take<A>(dq * dkp);
             for (int64_t x = 0; x < dq * dkp; ++x) b.dw[x] = 0;
+        }
+        if (additive) {
+            b.k_raw = sc.take<A>(bk * dk);
+            b.dwk = sc.take<A>(dk * dkp);
+            b.dwv = sc.take<A>(dkp);
+            for (int64_t x = 0; x < dk * dkp; ++x) b.dwk[x] = 0;
+            for (int64_t x = 0; x < dkp; ++x) b.dwv[x] = 0;
         }
         return b;
     }
@@ -192,10 +212,12 @@ struct Backward {
                      i0 * p.q_stride_seq;
         const T* g = static_cast<const T*>(p.dout) + b * p.dout_stride_batch +
                      h * p.dout_stride_head + i0 * p.dout_stride_seq;
-        if (p.score == Score::kGeneral) {
+        if (p.score != Score::kDot) {
             for (int64_t r = 0; r < nq; ++r) load_row(q + r * p.q_stride_seq, buf.q_raw + r * dq, dq, A(1));
             gemm<A, false>(nq, dkp, dq, buf.q_raw, dq, 1, w_gen, dkp, t.q_rows, dkp);
-            for (int64_t x = 0; x < nq * dkp; ++x) t.q_rows[x] *= scale;
+            if (!additive) {
+                for (int64_t x = 0; x < nq * dkp; ++x) t.q_rows[x] *= scale;
+            }
         } else {
             for (int64_t r = 0; r < nq; ++r) {
                 A* row = t.q_rows + r * dkp;
@@ -208,7 +230,7 @@ struct Backward {
             load_row(g + r * p.dout_stride_seq, row, dv, A(1));
             for (int64_t d = dv; d < dvp; ++d) row[d] = 0;
         }
-        for (int64_t d = 0; d < dk; ++d) {
+        for (int64_t d = 0; d < (additive ? 0 : dk); ++d) {
             A* col = t.qt + d * nqc;
             for (int64_t r = 0; r < nq; ++r) col[r] = t.q_rows[r * dkp + d];
             for (int64_t r = nq; r < nqc; ++r) col[r] = 0;
@@ -277,8 +299,20 @@ struct Backward {
         using V = vec_t<A>;
         const V neg_inf = vbroadcast<A>(-std::numeric_limits<A>::infinity());
 
-        // S^T (nk x nqc) = K Q'^T, bias added, hidden pairs -inf.
-        gemm<A, false>(nk, nqc, dk, buf.k_rows, dkp, 1, t.qt, nqc, buf.st, nqc);
+        // S^T (nk x nqc) = K Q'^T (additive: scale w . tanh(q'_r + k'_j)), bias added,
+        // hidden pairs -inf.
+        if (additive) {
+            for (int64_t j = 0; j < nk; ++j) {
+                const A* kp = buf.k_rows + j * dkp;
+                A* sj = buf.st + j * nqc;
+                for (int64_t r = 0; r < nq; ++r) {
+                    sj[r] = scale * additive_dot(t.q_rows + r * dkp, kp, w_vec, dkp);
+                }
+                for (int64_t r = nq; r < nqc; ++r) sj[r] = 0;
+            }
+        } else {
+            gemm<A, false>(nk, nqc, dk, buf.k_rows, dkp, 1, t.qt, nqc, buf.st, nqc);
+        }
         bias_and_hide(p, tv, blk, j0, nqc, 0, nq, nk, mask, bias);
         // P^T = exp(S^T - lse), exactly 0 where hidden.
         for (int64_t j = 0; j < nk; ++j) {
@@ -303,6 +337,15 @@ struct Backward {
         }
         if (p.dbias != nullptr) add_dbias(buf, b, h, i0, nq, nqc, j0, nk);
         const bool hidden = !blk.inside || blk.masked || p.bias != nullptr;
+        if (additive) {
+            if (hidden && !finite) {
+                gemm_skip_zero(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
+            } else {
+                gemm<A, true>(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
+            }
+            additive_grads(buf, t, nq, nqc, nk, dq_rows);
+            return;
+        }
         if (hidden && !finite) {
             gemm_skip_zero(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
             gemm_skip_zero(nk, dkp, nq, buf.dst, nqc, 1, t.q_rows, dkp, buf.dk_acc, dkp);
@@ -313,6 +356,31 @@ struct Backward {
         gemm<A, true>(nk, dvp, nq, buf.st, nqc, 1, t.do_rows, dvp, buf.dv_acc, dvp);
         gemm<A, true>(nk, dkp, nq, buf.dst, nqc, 1, t.q_rows, dkp, buf.dk_acc, dkp);
         gemm<A, true>(nq, dkp, nk, buf.dst, 1, nqc, buf.k_rows, dkp, dq_rows, dkp);
+    }
+
+    // Additive: with g = scale dS and u = g w (1 - tanh^2(q'_r + k'_j)),
+    // dQ'_r += u, dK'_j += u, dw += g tanh(...). Pairs with dS = 0 (hidden) are skipped.
+    void additive_grads(const BwdBuffers<A>& buf, const QTile& t, int64_t nq, int64_t nqc,
+                        int64_t nk, A* dq_rows) const {
+        using V = vec_t<A>;
+        for (int64_t j = 0; j < nk; ++j) {
+            const A* kp = buf.k_rows + j * dkp;
+            A* dkj = buf.dk_acc + j * dkp;
+            const A* dj = buf.dst + j * nqc;
+            for (int64_t r = 0; r < nq; ++r) {
+                if (dj[r] == 0) continue;
+                const V g = vbroadcast<A>(scale * dj[r]);
+                const A* qp = t.q_rows + r * dkp;
+                A* dqr = dq_rows + r * dkp;
+                for (int64_t a = 0; a < dkp; a += kW) {
+                    const V th = vtanh(vload(qp + a) + vload(kp + a));
+                    const V u = g * vload(w_vec + a) * (A(1) - th * th);
+                    vstore(dqr + a, vload(dqr + a) + u);
+                    vstore(dkj + a, vload(dkj + a) + u);
+                    vstore(buf.dwv + a, vload(buf.dwv + a) + g * th);
+                }
+            }
+        }
     }
 
     // Whether two tasks can add to one dbias element (a broadcast axis that tasks split).
@@ -345,13 +413,34 @@ struct Backward {
     }
 
     // Writes dK, dV of one block (General: dK as computed, dk is the key's own gradient).
-    void store_keys(const BwdBuffers<A>& buf, int64_t b, int64_t hk, int64_t j0, int64_t nk) const {
+    void store_keys(const BwdBuffers<A>& buf, int64_t b, int64_t hk, int64_t j0, int64_t nk,
+                    int64_t nk_valid) const {
         T* dkp_out = static_cast<T*>(p.dk) + b * p.dk_stride_batch + hk * p.dk_stride_head +
                      j0 * p.dk_stride_seq;
         T* dvp_out = static_cast<T*>(p.dv) + b * p.dv_stride_batch + hk * p.dv_stride_head +
                      j0 * p.dv_stride_seq;
         for (int64_t j = 0; j < nk; ++j) {
-            store_row(buf.dk_acc + j * dkp, dkp_out + j * p.dk_stride_seq, dk, A(1));
+            if (additive) {
+                // dk = dK' W_k^T; dW_k += k^T dK' (keys past lk have dK' = 0).
+                A* row = buf.q_raw;  // (dk) scratch: q_raw is free between tiles
+                const A* dkj = buf.dk_acc + j * dkp;
+                for (int64_t d = 0; d < dk; ++d) {
+                    const A* wd = w_k + d * dkp;
+                    A x = 0;
+                    for (int64_t a = 0; a < dkp; ++a) x += dkj[a] * wd[a];
+                    row[d] = x;
+                }
+                store_row(row, dkp_out + j * p.dk_stride_seq, dk, A(1));
+                if (j < nk_valid) {
+                    const A* kr = buf.k_raw + j * dk;
+                    for (int64_t d = 0; d < dk; ++d) {
+                        A* dwd = buf.dwk + d * dkp;
+                        for (int64_t a = 0; a < dkp; ++a) dwd[a] += kr[d] * dkj[a];
+                    }
+                }
+            } else {
+                store_row(buf.dk_acc + j * dkp, dkp_out + j * p.dk_stride_seq, dk, A(1));
+            }
             store_row(buf.dv_acc + j * dvp, dvp_out + j * p.dv_stride_seq, dv, A(1));
         }
     }
@@ -386,14 +475,18 @@ struct Backward {
                              hk * p.v_stride_head + j0 * p.v_stride_seq;
                 A z = 0;
                 for (int64_t j = 0; j < nk; ++j) {
-                    A* kr = buf.k_rows + j * dkp;
+                    A* kr = additive ? buf.k_raw + j * dk : buf.k_rows + j * dkp;
                     A* vr = buf.v_rows + j * dvp;
                     load_row(k + j * p.k_stride_seq, kr, dk, A(1));
                     load_row(v + j * p.v_stride_seq, vr, dv, A(1));
-                    for (int64_t d = dk; d < dkp; ++d) kr[d] = 0;
+                    for (int64_t d = dk; d < (additive ? dk : dkp); ++d) kr[d] = 0;
                     for (int64_t d = dv; d < dvp; ++d) vr[d] = 0;
                     for (int64_t d = 0; d < dk; ++d) z += kr[d] * A(0);
                     for (int64_t d = 0; d < dv; ++d) z += vr[d] * A(0);
+                }
+                if (additive) {
+                    gemm<A, false>(nk, dkp, dk, buf.k_raw, dk, 1, w_k, dkp, buf.k_rows, dkp);
+                    for (int64_t x = 0; x < nk * dkp; ++x) z += buf.k_rows[x] * A(0);
                 }
                 const bool keys_finite = z == 0;
                 for (int64_t hh = 0; hh < group; ++hh) {
@@ -409,7 +502,7 @@ struct Backward {
                     }
                 }
             }
-            store_keys(buf, b, hk, j0, nk_all);
+            store_keys(buf, b, hk, j0, nk_all, nk);
         }
         if (buf.dq_group != nullptr) {
             for (int64_t hh = 0; hh < group; ++hh) {
@@ -424,21 +517,22 @@ struct Backward {
                         A* acc, int64_t ld) const {
         T* out = static_cast<T*>(p.dq) + b * p.dq_stride_batch + h * p.dq_stride_head +
                  i0 * p.dq_stride_seq;
-        if (p.score != Score::kGeneral) {
+        if (p.score == Score::kDot) {
             for (int64_t r = 0; r < n; ++r) store_row(acc + r * ld, out + r * p.dq_stride_seq, dq, scale);
             return;
         }
+        const A post = additive ? A(1) : scale;  // additive: scale is already in dQ'
         const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
                      i0 * p.q_stride_seq;
         A* row = buf.q_raw;  // (dq) one q row / one dq row
         for (int64_t r = 0; r < n; ++r) {
             A* ar = acc + r * ld;
-            for (int64_t a = 0; a < dk; ++a) ar[a] *= scale;
+            for (int64_t a = 0; a < qcols; ++a) ar[a] *= post;
             // dq[d] = sum_a dQ'[a] W[d, a]
             for (int64_t d = 0; d < dq; ++d) {
                 const A* wd = w_gen + d * dkp;
                 A t = 0;
-                for (int64_t a = 0; a < dk; ++a) t += ar[a] * wd[a];
+                for (int64_t a = 0; a < qcols; ++a) t += ar[a] * wd[a];
                 row[d] = t;
             }
             store_row(row, out + r * p.dq_stride_seq, dq, A(1));
@@ -456,7 +550,9 @@ struct Backward {
         dq = p.head_dim;
         dk = p.head_dim_k;
         dv = p.head_dim_v;
-        dkp = round_up(dk, kW);
+        additive = p.score == Score::kAdditive;
+        qcols = additive ? p.score_dim : dk;
+        dkp = round_up(qcols, kW);
         dvp = round_up(max_of<int64_t>(dv, 1), kW);
         group = Hq / Hk;
         scale = static_cast<A>(p.scale);
@@ -481,7 +577,7 @@ struct Backward {
         const int64_t n_tasks = n_groups * splits;
         if (threads > n_tasks) threads = static_cast<int>(max_of<int64_t>(n_tasks, 1));
 
-        const int64_t gen_n = p.score == Score::kGeneral ? dq * dkp : 0;
+        const int64_t gen_n = p.score != Score::kDot ? dq * dkp + (additive ? dk * dkp + dkp : 0) : 0;
         const int64_t split_n = own_dq ? 0 : splits * B * Hq * Lq * dkp;
         Scratch shared(Scratch::bytes_for<A>({B * Hq * Lq, gen_n, split_n}));
         if (!shared.ok()) throw_bad_alloc();
@@ -490,7 +586,21 @@ struct Backward {
             w_gen = shared.take<A>(gen_n);
             const A* w = static_cast<const A*>(p.score_wq);
             for (int64_t d = 0; d < dq; ++d) {
-                for (int64_t a = 0; a < dkp; ++a) w_gen[d * dkp + a] = a < dk ? w[d * dk + a] : A(0);
+                for (int64_t a = 0; a < dkp; ++a) {
+                    w_gen[d * dkp + a] = a < qcols ? w[d * qcols + a] : A(0);
+                }
+            }
+            if (additive) {
+                w_k = w_gen + dq * dkp;
+                w_vec = w_k + dk * dkp;
+                const A* wk = static_cast<const A*>(p.score_wk);
+                const A* wv = static_cast<const A*>(p.score_w);
+                for (int64_t d = 0; d < dk; ++d) {
+                    for (int64_t a = 0; a < dkp; ++a) {
+                        w_k[d * dkp + a] = a < qcols ? wk[d * qcols + a] : A(0);
+                    }
+                }
+                for (int64_t a = 0; a < dkp; ++a) w_vec[a] = a < qcols ? wv[a] : A(0);
             }
         }
         if (split_n > 0) dq_split = shared.take<A>(split_n);
@@ -499,17 +609,33 @@ struct Backward {
         if (stop == 2) throw_bad_alloc();
 
         const int64_t bytes = scratch_bytes(own_dq);
-        A* dw_out = p.score == Score::kGeneral ? static_cast<A*>(p.dscore_wq) : nullptr;
+        A* dw_out = p.score != Score::kDot ? static_cast<A*>(p.dscore_wq) : nullptr;
+        A* dwk_out = additive ? static_cast<A*>(p.dscore_wk) : nullptr;
+        A* dwv_out = additive ? static_cast<A*>(p.dscore_w) : nullptr;
         if (dw_out != nullptr) {
-            for (int64_t x = 0; x < dq * dk; ++x) dw_out[x] = 0;
+            for (int64_t x = 0; x < dq * qcols; ++x) dw_out[x] = 0;
+        }
+        if (additive) {
+            for (int64_t x = 0; x < dk * qcols; ++x) dwk_out[x] = 0;
+            for (int64_t x = 0; x < qcols; ++x) dwv_out[x] = 0;
         }
         bool failed = false;
         // dW: each thread's share is added under a critical section at the end.
         auto add_dw = [&](const BwdBuffers<A>& buf) {
             if (dw_out == nullptr) return;
 #pragma omp critical(mha_bwd_dw)
-            for (int64_t d = 0; d < dq; ++d) {
-                for (int64_t a = 0; a < dk; ++a) dw_out[d * dk + a] += buf.dw[d * dkp + a];
+            {
+                for (int64_t d = 0; d < dq; ++d) {
+                    for (int64_t a = 0; a < qcols; ++a) dw_out[d * qcols + a] += buf.dw[d * dkp + a];
+                }
+                if (additive) {
+                    for (int64_t d = 0; d < dk; ++d) {
+                        for (int64_t a = 0; a < qcols; ++a) {
+                            dwk_out[d * qcols + a] += buf.dwk[d * dkp + a];
+                        }
+                    }
+                    for (int64_t a = 0; a < qcols; ++a) dwv_out[a] += buf.dwv[a];
+                }
             }
         };
 #pragma omp parallel num_threads(threads) if (threads > 1)
