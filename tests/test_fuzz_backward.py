@@ -131,4 +131,8 @@ def test_backward_matches_autograd(p):
             naive += [nv[5]] if "bias" in kw else []
         ours = np.abs(got - want).max()
         theirs = np.abs(naive[i] - want).max()
-        assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
+        # torch's formula can be exactly 0 where ours rounds (one visible key: P = 1 exactly
+        # for torch, exp(s - lse) for us): allow float32 rounding of the call's largest
+        # gradient on top of the 2x rule.
+        scale = max(max(float(np.abs(w).max()) for _, _, w in pairs if w.size), 1.0)
+        assert ours <= 2 * theirs + 1e-5 * scale, (name, ours, theirs)
