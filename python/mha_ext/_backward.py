@@ -135,6 +135,8 @@ def attention_backward(
     if kind is _CONCAT:
         w1, w2 = _split_concat(q, w1)
         kind = _core.Score.ADDITIVE
+    dscore: Any
+    dbias: Any
     dq, dk, dv, dscore, dbias = _core.attention_backward(
         dout, q, k, v, out, lse, mask, bias, causal_code, left, right, key_lengths, scale,
         kind, w1, w2, w3, layout == "blhd", dev, num_threads,

@@ -12,7 +12,7 @@ Importing ``mha_ext`` never imports torch: only ``import mha_ext.torch`` does.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ class General:
         return f"mha_ext.torch.General(W: {tuple(self.W.shape)})"
 
 
-def _np(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
-    """A NumPy view of a CPU tensor (no copy; bfloat16 through its bits)."""
+def _np(t: Optional[torch.Tensor]) -> Any:
+    """A NumPy view of a CPU tensor (no copy; bfloat16 through its bits); None stays None."""
     if t is None:
         return None
     t = t.detach()
@@ -120,8 +120,12 @@ def _attention_backward_op(
     )
     dq, dk, dv = (_torch(g) for g in grads[:3])
     rest = list(grads[3:])
-    dW = _torch(rest.pop(0).W).to(W.dtype) if score == "general" else q.new_empty(0)
-    dbias = _torch(rest.pop(0)).to(bias.dtype) if need_dbias else q.new_empty(0)
+    dW = q.new_empty(0)
+    if score == "general" and W is not None:
+        dW = _torch(rest.pop(0).W).to(W.dtype)
+    dbias = q.new_empty(0)
+    if need_dbias and bias is not None:
+        dbias = _torch(rest.pop(0)).to(bias.dtype)
     return dq, dk, dv, dW, dbias
 
 
