@@ -384,3 +384,48 @@ def test_additive_finite_differences(rng, kind):
             x[idx] = old
             num[idx] = (up - down) / (2 * eps)
         np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+_INTERRUPT_CHILD = """
+import sys, time
+import numpy as np, mha_ext
+rng = np.random.default_rng(0)
+one = rng.standard_normal((1, 1, 16384, 64)).astype(np.float32)
+x = np.broadcast_to(one, (1, 4, 16384, 64))  # four heads, one in memory
+lse = np.full((1, 4, 16384), 30.0, np.float32)
+print("ready", flush=True)
+try:
+    mha_ext.attention_backward(x, x, x, x, x, lse, num_threads=int(sys.argv[1]))
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", time.monotonic(), flush=True)
+q = rng.standard_normal((1, 2, 9, 8)).astype(np.float32)
+out, l = mha_ext.attention(q, q, q, return_lse=True)
+print("after", "ok" if np.isfinite(mha_ext.attention_backward(out, q, q, q, out, l)[0]).all()
+      else "WRONG", flush=True)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ctrl_c_interrupts_a_long_backward(threads):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPT_CHILD, str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
+    assert "interrupted" in lines, f"not interrupted: {stdout!r} {stderr[-2000:]}"
+    assert float(lines["interrupted"]) - sent < 1.0
+    assert lines["after"] == "ok"
