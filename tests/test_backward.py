@@ -429,3 +429,18 @@ def test_ctrl_c_interrupts_a_long_backward(threads):
     assert "interrupted" in lines, f"not interrupted: {stdout!r} {stderr[-2000:]}"
     assert float(lines["interrupted"]) - sent < 1.0
     assert lines["after"] == "ok"
+
+
+@pytest.mark.parametrize("bias_shape", [(40, 1), (1, 200), (40, 200)])
+def test_dbias_with_key_splits_and_threads(rng, bias_shape):
+    # One (batch, key head) group on 2 threads: the key blocks are split between tasks, so
+    # a dbias broadcast over keys is summed by both (atomically).
+    q, k, v = inputs(rng, 1, 2, 1, 40, 200, 8, 8)
+    bias = rng.standard_normal(bias_shape).astype(np.float32)
+    out, lse = mha_ext.attention(q, k, v, bias=bias, causal=True, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    *grads, dbias = mha_ext.attention_backward(dout, q, k, v, out, lse, bias=bias, causal=True,
+                                               return_dbias=True, num_threads=2)
+    ref = torch_grads(dout, q, k, v, bias=bias, causal=True)
+    for got, want in zip([*grads, dbias], [ref[1], ref[2], ref[3], ref[5]]):
+        assert rel_err(got, want) < 2e-6
