@@ -901,6 +901,148 @@ py::object attention_kvcache(py::handle q, py::handle k_cache, py::handle v_cach
     return py::make_tuple(result, lse);
 }
 
+// ------------------------------------------------------------------------------------------
+// attention_backward (SPEC 6.4): the forward's fillers, then out / lse / dout checked against
+// the q/k/v geometry (a mismatch is an error, never garbage), then the gradients.
+
+// `out` or `dout`: the forward output's shape (caller's rank and layout) and q's dtype.
+py::array forward_shaped(const Inputs& in, const QkvShape& s, py::handle obj, const char* name) {
+    py::array a = py::array::ensure(obj);
+    MHA_CHECK_TYPE(a, name, ": expected a NumPy array");
+    a = native_byte_order(a);
+    MHA_CHECK_TYPE(a.dtype().equal(in.q.dtype()), name, ": expected dtype ", dtype_name(in.q),
+                   " like q, got ", dtype_name(a));
+    const std::vector<int64_t> want = shape_of(s.rank, s.blhd, s.Q.b, s.Q.h, s.Q.l, s.V.d);
+    const std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+    MHA_CHECK(got == want, name, ": expected shape ", shape_str(want),
+              " (the forward output of these q, k, v), got ", shape_str(a));
+    return fast_path_view(a);
+}
+
+// A new gradient array shaped like `like` (caller's rank and layout, q's dtype).
+py::array grad_like(const py::array& like, const QkvShape& s, const Dims4& d) {
+    return py::array(like.dtype(), shape_of(s.rank, s.blhd, d.b, d.h, d.l, d.d));
+}
+
+void run_backward_released(BackwardParams& p) {
+    InterruptPoll poll;
+    const double work = 4.0 * static_cast<double>(p.batch) * p.num_heads_q * p.seqlen_q *
+                        p.seqlen_k * (p.head_dim_k + p.head_dim_v);
+    if (work > 1e7 && PyThread_get_thread_ident() == main_thread_ident()) {
+        p.interrupt_check = &poll_python_signals;
+        p.interrupt_ctx = &poll;
+    }
+    bool stopped = false;
+    {
+        py::gil_scoped_release release;
+        try {
+            attention_backward(p);
+        } catch (const interrupted&) {
+            stopped = true;
+        }
+    }
+    if (stopped) {
+        if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+        throw std::runtime_error("attention_backward: interrupted");
+    }
+}
+
+// -> (dq, dk, dv, dscore, dbias): dscore a tuple of parameter gradients (General: (dW,),
+// additive: (dW_q, dW_k, dw)) or None, dbias an array or None.
+py::tuple attention_backward_py(py::object dout, py::object q, py::object k, py::object v,
+                                py::object out, py::object lse, py::object mask,
+                                py::object bias, int causal, long long window_left,
+                                long long window_right, py::object key_lengths,
+                                py::object scale, long long score, py::object score_wq,
+                                py::object score_wk, py::object score_w, bool blhd,
+                                int device, py::object num_threads, bool return_dbias) {
+    BackwardParams p{};
+    Inputs in;
+    auto as_array = [](py::object o, const char* name) {
+        py::array a = py::array::ensure(o);
+        if (!a) {
+            PyErr_Clear();
+            throw type_error(detail::concat(name, ": expected a NumPy array"));
+        }
+        return a;
+    };
+    const QkvShape s = fill_qkv(p, in, as_array(q, "q"), as_array(k, "k"), as_array(v, "v"), blhd);
+    fill_score(p, in, s, score, score_wq, score_wk, score_w, scale);
+    fill_masks(p, in, s, mask, bias, key_lengths);
+    p.causal = static_cast<Causal>(causal);
+    p.window_left = window_left;
+    p.window_right = window_right;
+    p.device = static_cast<Device>(device);
+    p.num_threads = parse_num_threads(num_threads);
+
+    const py::array o = forward_shaped(in, s, out, "out");
+    const py::array g = forward_shaped(in, s, dout, "dout");
+    const Dims4 O = dims_of(o, s.ax), G = dims_of(g, s.ax);
+    p.out = const_cast<void*>(o.data());  // read only: the forward's output
+    p.out_stride_batch = O.sb, p.out_stride_head = O.sh, p.out_stride_seq = O.sl;
+    p.dout = g.data();
+    p.dout_stride_batch = G.sb, p.dout_stride_head = G.sh, p.dout_stride_seq = G.sl;
+
+    const bool dbl = dtype_accumulates_in_double(p.dtype);
+    {
+        py::array raw = py::array::ensure(lse);
+        MHA_CHECK_TYPE(raw && raw.dtype().kind() == 'f', "lse: expected a float array, got ",
+                       raw ? dtype_name(raw) : std::string("a non-array"));
+        const std::vector<int64_t> full = {s.Q.b, s.Q.h, s.Q.l};
+        const std::vector<int64_t> want(full.begin() + (4 - s.rank), full.end());
+        const std::vector<int64_t> got(raw.shape(), raw.shape() + raw.ndim());
+        MHA_CHECK(got == want, "lse: expected shape ", shape_str(want),
+                  " (the forward's lse of these q, k, v), got ", shape_str(raw));
+        py::array conv = as_accum(raw, dbl, "lse");
+        conv = py::array::ensure(conv, py::array::c_style);
+        p.lse = const_cast<void*>(conv.data());
+        lse = conv;  // keep alive
+    }
+
+    py::array dq = grad_like(in.q, s, s.Q), dk = grad_like(in.k, s, s.K),
+              dv = grad_like(in.v, s, s.V);
+    const Dims4 DQ = dims_of(dq, s.ax), DK = dims_of(dk, s.ax), DV = dims_of(dv, s.ax);
+    p.dq = dq.mutable_data();
+    p.dk = dk.mutable_data();
+    p.dv = dv.mutable_data();
+    p.dq_stride_batch = DQ.sb, p.dq_stride_head = DQ.sh, p.dq_stride_seq = DQ.sl;
+    p.dk_stride_batch = DK.sb, p.dk_stride_head = DK.sh, p.dk_stride_seq = DK.sl;
+    p.dv_stride_batch = DV.sb, p.dv_stride_head = DV.sh, p.dv_stride_seq = DV.sl;
+
+    const py::dtype acc_dtype = dbl ? py::dtype::of<double>() : py::dtype::of<float>();
+    py::object dbias_obj = py::none();
+    if (return_dbias) {
+        MHA_CHECK(in.bias, "return_dbias: True needs a bias (there is nothing to differentiate)");
+        const std::vector<int64_t> shape(in.bias.shape(), in.bias.shape() + in.bias.ndim());
+        py::array dbias = py::array::ensure(py::module_::import("numpy").attr("zeros")(
+            py::tuple(py::cast(shape)), acc_dtype));
+        const int64_t target[4] = {s.Q.b, s.Q.h, s.Q.l, s.K.l};
+        int64_t st[4];
+        broadcast_strides(dbias, "bias", target, st);
+        p.dbias = dbias.mutable_data();
+        p.dbias_stride_batch = st[0], p.dbias_stride_head = st[1], p.dbias_stride_q = st[2],
+        p.dbias_stride_k = st[3];
+        dbias_obj = dbias;
+    }
+    py::object dscore = py::none();
+    if (p.score == Score::kGeneral) {
+        py::array dw(acc_dtype, std::vector<int64_t>{s.Q.d, s.K.d});
+        p.dscore_wq = dw.mutable_data();
+        dscore = py::make_tuple(dw);
+    } else if (p.score == Score::kAdditive) {
+        py::array dwq(acc_dtype, std::vector<int64_t>{s.Q.d, p.score_dim});
+        py::array dwk(acc_dtype, std::vector<int64_t>{s.K.d, p.score_dim});
+        py::array dw(acc_dtype, std::vector<int64_t>{p.score_dim});
+        p.dscore_wq = dwq.mutable_data();
+        p.dscore_wk = dwk.mutable_data();
+        p.dscore_w = dw.mutable_data();
+        dscore = py::make_tuple(dwq, dwk, dw);
+    }
+
+    run_backward_released(p);  // check_backward_params(), then the CPU kernel
+    return py::make_tuple(dq, dk, dv, dscore, dbias_obj);
+}
+
 // attention() as a METH_FASTCALL | METH_KEYWORDS function: the arguments arrive as a C array,
 // so a tiny call skips pybind11's generic dispatcher (an argument vector and one caster per
 // argument, about a microsecond for 21 arguments). Keywords are matched against
@@ -1282,6 +1424,17 @@ PYBIND11_MODULE(_core, m) {
           py::arg("num_splits") = py::none(), py::arg("device") = 0,
           py::arg("num_threads") = py::none(),
           "KV-cache attention, contiguous or paged (SPEC 6.3): out, or (out, lse (B, Hq, Lq)).");
+
+    m.def("attention_backward", &mha::attention_backward_py, py::arg("dout"), py::arg("q"),
+          py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+          py::arg("mask") = py::none(), py::arg("bias") = py::none(), py::arg("causal") = 0,
+          py::arg("window_left") = -1, py::arg("window_right") = -1,
+          py::arg("key_lengths") = py::none(), py::arg("scale") = py::none(),
+          py::arg("score") = 0, py::arg("score_wq") = py::none(),
+          py::arg("score_wk") = py::none(), py::arg("score_w") = py::none(),
+          py::arg("blhd") = false, py::arg("device") = 0, py::arg("num_threads") = py::none(),
+          py::arg("return_dbias") = false,
+          "The backward pass behind mha_ext.attention_backward: (dq, dk, dv, dscore, dbias).");
 
     m.def("merge", &mha::merge, py::arg("outs"), py::arg("lses"), py::arg("blhd") = false,
           py::arg("num_threads") = py::none(),

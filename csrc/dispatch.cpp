@@ -87,14 +87,27 @@ void attention_varlen_forward(const VarlenParams& params) {
     check_varlen_params(params);
     require_cpu(params.device, "attention_varlen");
     if (params.batch == 0 || params.num_heads_q == 0 || params.total_q == 0) return;
-    attention_forward_varlen_cpu(params);
+    VarlenParams cpu = params;  // with a thread count the machine can run (runtime.h)
+    cpu.num_threads = resolve_threads(params.num_threads);
+    attention_forward_varlen_cpu(cpu);
 }
 
 void attention_kvcache_forward(const KvcacheParams& params) {
     check_kvcache_params(params);
     require_cpu(params.device, "attention_kvcache");
     if (params.batch == 0 || params.num_heads_q == 0 || params.seqlen_q == 0) return;
-    attention_forward_kvcache_cpu(params);
+    KvcacheParams cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    attention_forward_kvcache_cpu(cpu);
+}
+
+void attention_backward(const BackwardParams& params) {
+    check_backward_params(params);
+    require_cpu(params.device, "attention_backward");
+    if (params.batch == 0 || params.num_heads_q == 0) return;
+    BackwardParams cpu = params;
+    cpu.num_threads = resolve_threads(params.num_threads);
+    attention_backward_cpu(cpu);
 }
 
 void merge_forward(const MergeParams& params) {

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_params.h"
 #include "merge_params.h"
 #include "nn_params.h"
 #include "params.h"
@@ -18,6 +19,8 @@ void attention_forward(const AttentionParams& params);
 // (no CUDA twin yet: device='cuda' is a std::runtime_error).
 void attention_varlen_forward(const VarlenParams& params);
 void attention_kvcache_forward(const KvcacheParams& params);
+// The backward pass (SPEC 6.4): check_backward_params, then the CPU kernel (the only one).
+void attention_backward(const BackwardParams& params);
 
 // Merge partial results over disjoint key shards (SPEC 6.1): check_merge_params, then the
 // CPU pass.

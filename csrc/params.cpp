@@ -4,6 +4,7 @@
 // this function through attention_forward(), so no backend sees an unchecked struct.
 #include "params.h"
 
+#include "backward_params.h"
 #include "merge_params.h"
 
 #include <cmath>
@@ -221,6 +222,26 @@ void check_kvcache_params(const KvcacheParams& p) {
                       ") (sequence ", b, " holds ", p.key_lengths[b], " keys)");
         }
     }
+}
+
+void check_backward_params(const BackwardParams& p) {
+    check_params(p);
+    MHA_CHECK(p.device == Device::kCpu,
+              "device: the backward pass runs on the CPU only (device='cpu')");
+    MHA_CHECK(p.weights == nullptr, "attention_backward: weights are not an output here");
+    const bool work = p.batch > 0 && p.num_heads_q > 0;
+    if (work) {
+        MHA_CHECK(p.dk != nullptr && p.dv != nullptr, "attention_backward: dk and dv must be given");
+    }
+    if (work && p.seqlen_q > 0) {
+        MHA_CHECK(p.dout != nullptr && p.lse != nullptr && p.dq != nullptr,
+                  "attention_backward: dout, out, lse and dq must be given");
+        MHA_CHECK(p.score == Score::kDot || p.dscore_wq != nullptr,
+                  "score: the gradient of the score's W (W_q) must be given");
+        MHA_CHECK(p.score != Score::kAdditive || (p.dscore_wk != nullptr && p.dscore_w != nullptr),
+                  "score: the additive score's gradients dW_k and dw must be given");
+    }
+    MHA_CHECK(p.dbias == nullptr || p.bias != nullptr, "return_dbias: needs a bias");
 }
 
 void check_merge_params(const MergeParams& p) {

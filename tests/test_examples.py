@@ -26,10 +26,12 @@ CASES = [
         id="sentence_embedding",
     ),
     pytest.param("dask_long_keys.py", ["dask", "distributed"], id="dask_long_keys"),
+    pytest.param("train_attention_numpy.py", [], id="train_attention_numpy"),
+    pytest.param("train_transformer_torch.py", ["torch"], id="train_transformer_torch"),
 ]
 
 # Smaller problems for the suite (the scripts' defaults are the full-size demos).
-ARGS = {"dask_long_keys.py": ["--keys", "300000"]}
+ARGS = {"dask_long_keys.py": ["--keys", "300000"], "train_transformer_torch.py": ["--steps", "40"]}
 
 
 @pytest.mark.parametrize(("script", "needs"), CASES)

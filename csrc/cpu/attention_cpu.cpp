@@ -18,6 +18,7 @@ namespace mha {
     void attention_forward_naive(const AttentionParams& params); \
     void attention_forward_varlen(const VarlenParams& params);   \
     void attention_forward_kvcache(const KvcacheParams& params); \
+    void attention_backward(const BackwardParams& params);      \
     }
 MHA_CPU_DECLARE_ISA(cpu_generic)
 #if defined(MHA_CPU_HAVE_avx2)
@@ -34,6 +35,7 @@ struct CpuIsa {
     void (*naive)(const AttentionParams&);
     void (*varlen)(const VarlenParams&);
     void (*kvcache)(const KvcacheParams&);
+    void (*backward)(const BackwardParams&);
 };
 
 // Best first; generic, the portable build, is always last and always supported.
@@ -46,11 +48,12 @@ const CpuIsa kIsas[] = {
                 __builtin_cpu_supports("f16c");
      },
      &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive,
-     &cpu_avx2::attention_forward_varlen, &cpu_avx2::attention_forward_kvcache},
+     &cpu_avx2::attention_forward_varlen, &cpu_avx2::attention_forward_kvcache,
+     &cpu_avx2::attention_backward},
 #endif
     {"generic", [] { return true; }, &cpu_generic::attention_forward,
      &cpu_generic::attention_forward_naive, &cpu_generic::attention_forward_varlen,
-     &cpu_generic::attention_forward_kvcache},
+     &cpu_generic::attention_forward_kvcache, &cpu_generic::attention_backward},
 };
 constexpr int kNumIsas = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
 
@@ -125,6 +128,12 @@ void attention_forward_kvcache_cpu(const KvcacheParams& params) {
     const Choice& c = choice();
     if (c.isa == nullptr) throw std::runtime_error(c.info.error);
     c.isa->kvcache(params);
+}
+
+void attention_backward_cpu(const BackwardParams& params) {
+    const Choice& c = choice();
+    if (c.isa == nullptr) throw std::runtime_error(c.info.error);
+    c.isa->backward(params);
 }
 
 void attention_forward_cpu_naive(const AttentionParams& params) {

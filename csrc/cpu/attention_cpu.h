@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_params.h"
 #include "params.h"
 
 namespace mha {
@@ -16,6 +17,8 @@ void attention_forward_cpu(const AttentionParams& params);
 // attention_varlen and attention_kvcache (SPEC 6.2, 6.3) on the chosen instruction set.
 void attention_forward_varlen_cpu(const VarlenParams& params);
 void attention_forward_kvcache_cpu(const KvcacheParams& params);
+// Tiled backward (SPEC 6.4) on the chosen instruction set; same errors as the forward.
+void attention_backward_cpu(const BackwardParams& params);
 
 // One row at a time, the textbook formula: documents the math, cross-checks the blocked
 // kernel. Always the portable (generic) build, so every path is checked against one reference.

@@ -24,11 +24,14 @@
 //   attention_forward_kvcache  KV-cache decoding, contiguous or paged (kernel/serving.h):
 //                              grouped-query rows packed per K/V head, key-axis splits
 //                              combined by lse.
+//   attention_backward         tiled backward (kernel/backward.h, SPEC 6.4): FlashAttention-2's
+//                              algorithm over key blocks, P recomputed from lse.
 //
 // Conventions: a row with no visible key (max = -inf) gets output 0, weights 0, lse = -inf
 // (PyTorch's _safe_softmax, FlashAttention, ggml). A NaN score in a visible position poisons
 // its row: output, weights and lse become NaN, never a silent 0.
 #include "cpu/attention_cpu.h"
+#include "cpu/kernel/backward.h"
 #include "cpu/kernel/naive.h"
 #include "cpu/kernel/serving.h"
 #include "cpu/kernel/tile_loop.h"
@@ -51,6 +54,10 @@ void attention_forward_varlen(const VarlenParams& p) {
 
 void attention_forward_kvcache(const KvcacheParams& p) {
     MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_kvcache<T, A>(p); });
+}
+
+void attention_backward(const BackwardParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { backward_blocked<T, A>(p); });
 }
 
 }  // namespace MHA_CPU_NS

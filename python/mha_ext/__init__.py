@@ -35,6 +35,7 @@ finally:
         _os.sched_setaffinity(0, _affinity)
 del _set_env, _affinity
 from ._attention import attention, build_info, cuda_available
+from ._backward import attention_backward
 from ._scores import Additive, Concat, General
 from .layers import MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from .s2 import S2Attention
@@ -52,6 +53,7 @@ __all__ = [
     "TransformerEncoderLayer",
     "__version__",
     "attention",
+    "attention_backward",
     "attention_kvcache",
     "attention_varlen",
     "build_info",

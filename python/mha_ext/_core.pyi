@@ -99,6 +99,29 @@ def s2_attention(
 def merge(
     outs: list[Any], lses: list[Any], blhd: bool = False, num_threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    mask: Any = None,
+    bias: Any = None,
+    causal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    key_lengths: Any = None,
+    scale: float | None = None,
+    score: Any = 0,
+    score_wq: Any = None,
+    score_wk: Any = None,
+    score_w: Any = None,
+    blhd: bool = False,
+    device: int = 0,
+    num_threads: int | None = None,
+    return_dbias: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...] | None, np.ndarray | None]: ...
 def _check_params(overrides: dict[str, Any]) -> None: ...
 def bias_act(
     x: np.ndarray,
