@@ -23,7 +23,7 @@ std::string set_cpu_simd(const std::string& name);
 
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {
-    std::string simd;           // CPU instruction-set path in use: "avx2" or "generic";
+    std::string simd;           // CPU instruction-set path in use: "amx", "avx512", "avx2", "generic";
                                 // empty when MHA_EXT_SIMD names one that cannot run
     std::string simd_error;     // why simd is empty
     std::vector<std::string> simd_supported;  // paths this build has and this CPU runs
