@@ -85,15 +85,26 @@ inline void amx_begin() {
 inline void amx_end() { _tile_release(); }
 
 // Q^T in the VNNI pair layout: qv[(d / 2) * (2 * nqc) + 2 * r + (d & 1)] = q[r][d], zero for
-// d >= dk (up to dk rounded to 32) and for the padding queries nq <= r < nqc.
-inline void amx_pack_queries(const bf16* q, int64_t ldq, int64_t nq, int64_t nqc, int64_t dk,
-                             uint16_t* qv) {
+// d >= dk (up to dk rounded to 32) and for the padding queries nq <= r < nqc. A scale that is
+// a power of two in [2^-32, 1] (1/sqrt(64) = 1/8) is folded in exactly (bf16 keeps fp32's
+// exponent range, so only values below 2^-94 could lose bits); the return value is the
+// scale still to apply to S^T (1 when folded).
+inline float amx_pack_queries(const bf16* q, int64_t ldq, int64_t nq, int64_t nqc, int64_t dk,
+                              float scale, uint16_t* qv) {
     const int64_t dk32 = round_up(dk, kAmxK);
+    int e = 0;
+    const float mant = std::frexp(std::fabs(scale), &e);
+    const bool fold = mant == 0.5f && e <= 1 && e >= -31;
     std::memset(qv, 0, static_cast<size_t>(dk32 * nqc) * 2);
     for (int64_t r = 0; r < nq; ++r) {
         const bf16* qr = q + r * ldq;
-        for (int64_t d = 0; d < dk; ++d) qv[(d >> 1) * (2 * nqc) + 2 * r + (d & 1)] = qr[d].bits;
+        for (int64_t d = 0; d < dk; ++d) {
+            uint16_t bits = qr[d].bits;
+            if (fold) bits = float_to_bf16(bf16_to_float(bits) * scale);
+            qv[(d >> 1) * (2 * nqc) + 2 * r + (d & 1)] = bits;
+        }
     }
+    return fold ? 1.0f : scale;
 }
 
 // S^T[j][c] = sum_d K[j][d] Q[c][d] for keys [0, nk) and query columns [c0, c1) (multiples
@@ -363,13 +374,15 @@ class AmxTask {
 };
 
 // One key tile of a bf16 task on AMX: scores, masking, online softmax, P.V. k and v point at
-// the tile's first key / value row (bf16, in place); the task's Q^T is in buf.amx_q.
+// the tile's first key / value row (bf16, in place); the task's Q^T is in buf.amx_q, and
+// s_scale is what amx_pack_queries left to apply.
 inline void amx_tile_step(const AttentionParams& p, const TileDims& g, const TileBuffers<float>& buf,
                           const TileBlock& blk, int64_t j0, int64_t nq, int64_t nqc, int64_t nk,
-                          const bf16* k, const bf16* v, const uint8_t* mask, const float* bias) {
+                          const bf16* k, const bf16* v, const uint8_t* mask, const float* bias,
+                          float s_scale) {
     const int64_t c0 = blk.c0, c1 = blk.c1, r_end = min_of(c1, nq);
-    amx_scores(k, p.k_stride_seq, nk, g.dk, buf.amx_q, nqc, c0, c1, static_cast<float>(p.scale),
-               buf.amx_k, buf.amx_c, buf.st);
+    amx_scores(k, p.k_stride_seq, nk, g.dk, buf.amx_q, nqc, c0, c1, s_scale, buf.amx_k,
+               buf.amx_c, buf.st);
     bias_and_hide(p, buf, blk, j0, nqc, c0, r_end, nk, mask, bias);
     softmax_update(buf, nq, nqc, c0, c1, nk, g.dvp);
     const bool hidden = !blk.inside || blk.masked || bias != nullptr;

@@ -217,14 +217,16 @@ struct Blocked : TileDims {
         const bool use_amx = amx && nq > kGemvRows && j_begin < j_end;
         for (int64_t x = 0; x < (use_amx ? nqc : nq) * dvp; ++x) buf.acc[x] = 0;
 
-        if (j_begin < j_end) load_queries(buf, q, nq, nqc);
+        // (AMX tasks read their own Q^T; the fp32 one only serves the weights pass.)
+        if (j_begin < j_end && !(use_amx && p.weights == nullptr)) load_queries(buf, q, nq, nqc);
         const bool row_path = nq == 1 && p.score == Score::kDot;
 #if MHA_CPU_AMX
         const AmxTask amx_task(use_amx);
-        if (use_amx) {
-            amx_pack_queries(reinterpret_cast<const bf16*>(q), p.q_stride_seq, nq, nqc, dk,
-                             buf.amx_q);
-        }
+        const float amx_scale =
+            use_amx ? amx_pack_queries(reinterpret_cast<const bf16*>(q), p.q_stride_seq, nq, nqc,
+                                       dk, static_cast<float>(p.scale), buf.amx_q)
+                    : 1.0f;
+        (void)amx_scale;  // read by bf16 tasks only
 #endif
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
             if (stopped()) return;  // the call is abandoned: outputs are not needed
@@ -237,7 +239,7 @@ struct Blocked : TileDims {
             if constexpr (AmxStorage<T>::value) {
                 if (use_amx) {
                     amx_tile_step(p, *this, buf, blk, j0, nq, nqc, nk, k + j0 * p.k_stride_seq,
-                                  v + j0 * p.v_stride_seq, mask_j, bias_j);
+                                  v + j0 * p.v_stride_seq, mask_j, bias_j, amx_scale);
                     continue;
                 }
             }
