@@ -1403,6 +1403,10 @@ PYBIND11_MODULE(_core, m) {
     m.def("_check_params", &mha::check_params_for_test, py::arg("overrides"),
           "Tests only: check_params() on a valid small AttentionParams with fields overridden.");
 
+    m.def("_set_simd", &mha::set_cpu_simd, py::arg("name"),
+          "Tests and benchmarks only: later CPU calls take this instruction-set path (one of "
+          "build_info()['simd_supported']); returns the previous one.");
+
     m.def("s2_attention", &mha::s2_attention, py::arg("x"), py::arg("logits") = py::none(),
           py::arg("num_threads") = py::none(),
           "S2Attention's native passes: logits None -> branch sums (B, C); else (B, H, W, C).");
@@ -1447,6 +1451,7 @@ PYBIND11_MODULE(_core, m) {
         d["simd"] = info.simd.empty() ? py::object(py::none()) : py::object(py::str(info.simd));
         if (!info.simd_error.empty()) d["simd_error"] = info.simd_error;
         d["simd_supported"] = info.simd_supported;
+        if (!info.simd_note.empty()) d["simd_note"] = info.simd_note;
         d["openmp"] = info.openmp;
         d["max_threads"] = info.max_threads;
         d["cuda_built"] = info.cuda_built;

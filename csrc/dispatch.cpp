@@ -156,12 +156,15 @@ double cuda_last_copy_ms() {
 #endif
 }
 
+std::string set_cpu_simd(const std::string& name) { return attention_cpu_set_simd(name); }
+
 BuildInfo build_info() {
     BuildInfo info;
     const CpuSimd& simd = attention_cpu_simd();
     info.simd = simd.selected;
     info.simd_error = simd.error;
     info.simd_supported = simd.supported;
+    info.simd_note = simd.note;
 #ifdef _OPENMP
     info.openmp = true;
     info.max_threads = omp_get_max_threads();

@@ -31,13 +31,17 @@ void merge_forward(const MergeParams& params);
 void bias_act(const BiasActParams& params);
 void add_norm(const AddNormParams& params);
 const char* nn_simd();
+// Tests and benchmarks: later CPU calls take the instruction-set path `name` (one of
+// build_info().simd_supported, else std::invalid_argument); returns the previous one.
+std::string set_cpu_simd(const std::string& name);
 
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {
-    std::string simd;           // CPU instruction-set path in use: "avx2" or "generic";
+    std::string simd;           // CPU instruction-set path in use: "amx", "avx512", "avx2", "generic";
                                 // empty when MHA_EXT_SIMD names one that cannot run
     std::string simd_error;     // why simd is empty
     std::vector<std::string> simd_supported;  // paths this build has and this CPU runs
+    std::string simd_note;      // e.g. the OS refused AMX tile state, so amx is not offered
     bool openmp = false;        // built with OpenMP
     int max_threads = 1;        // OpenMP default thread count
     bool cuda_built = false;    // CUDA backend compiled in

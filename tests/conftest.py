@@ -34,6 +34,23 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+# The CPU instruction-set paths this build and CPU run, best first (amx, avx512, avx2, generic).
+SIMD_PATHS = list(mha_ext.build_info()["simd_supported"])
+
+
+@pytest.fixture(params=SIMD_PATHS)
+def simd(request) -> str:
+    """Runs the test body once per CPU instruction-set path, restoring the path afterwards."""
+    before = mha_ext._core._set_simd(request.param)
+    yield request.param
+    mha_ext._core._set_simd(before)
+
+
+def pytest_report_header(config):
+    info = mha_ext.build_info()
+    return f"mha_ext CPU paths: {', '.join(SIMD_PATHS)} (default {info['simd']})"
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """Runs the test body once per device ("cuda" is marked and skipped without a GPU)."""

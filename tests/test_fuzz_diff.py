@@ -42,6 +42,8 @@ SETTINGS = settings(
 DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 LOW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 SCORES = ["scaled_dot", "dot", "general", "additive", "concat"]
+# The CPU instruction-set paths this machine runs (amx, avx512, avx2, generic): drawn per example.
+SIMD_PATHS = list(mha_ext.build_info()["simd_supported"])
 VIEWS = ["c", "neg", "fortran", "step", "perm", "bcast", "offset"]
 
 # Sizes: 0/1/odd and tile-crossing values, kept small so the float64 reference stays fast.
@@ -110,6 +112,7 @@ def problems(draw, scores=SCORES, dtypes=DTYPES):
         "use_out": draw(st.booleans()),
         "num_threads": draw(st.sampled_from([None, 1, 2, 3])),
         "seed": draw(st.integers(0, 2**32 - 1)),
+        "simd": draw(st.sampled_from(SIMD_PATHS)),
     }
 
 
@@ -244,13 +247,22 @@ def _check(p):
         np.testing.assert_allclose(got, exp, rtol=tol, atol=tol, err_msg=name)
 
 
+def _check_on_path(p):
+    """_check with the CPU kernel on the drawn instruction-set path (restored afterwards)."""
+    before = mha_ext._core._set_simd(p["simd"])
+    try:
+        _check(p)
+    finally:
+        mha_ext._core._set_simd(before)
+
+
 @SETTINGS
 @given(problems())
 def test_matches_reference(p):
-    _check(p)
+    _check_on_path(p)
 
 
 @settings(SETTINGS, max_examples=max(1, EXAMPLES // 3))
 @given(problems(scores=["scaled_dot", "dot"], dtypes=[np.float16, ml_dtypes.bfloat16]))
 def test_low_precision_matches_reference(p):
-    _check(p)
+    _check_on_path(p)

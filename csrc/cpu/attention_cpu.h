@@ -31,7 +31,13 @@ struct CpuSimd {
     std::string selected;
     std::string error;
     std::vector<std::string> supported;
+    std::string note;  // e.g. why a path the CPU has is not used (the OS refused AMX state)
 };
 const CpuSimd& attention_cpu_simd();
+
+// Tests and benchmarks only: switch the path of later calls to `name` (one of `supported`;
+// std::invalid_argument otherwise) and return the previous one. Not for use while other
+// threads are calling the kernel.
+std::string attention_cpu_set_simd(const std::string& name);
 
 }  // namespace mha

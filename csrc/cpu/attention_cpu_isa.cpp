@@ -9,9 +9,11 @@
 //   attention_forward          tiled ("flash") forward (kernel/tile_loop.h): a (kBlockQ x
 //                              head_dim) query tile meets (kBlockK x head_dim) key/value tiles
 //                              packed to accum_t; scores and P.V are register-blocked GEMM
-//                              micro-kernels (6 rows x 2 vectors, kernel/micro.h) written with
-//                              GCC vector extensions, so the same source becomes SSE2 or
-//                              AVX2+FMA code; the online softmax (kernel/softmax.h) rescales a
+//                              micro-kernels (6 rows x 2 vectors for 16 AVX registers, 6 x 4
+//                              and 12 x 2 for 32 zmm registers, kernel/micro.h) written with
+//                              GCC vector extensions, so the same source becomes SSE2, AVX2+FMA
+//                              or AVX-512 code; bf16 in the amx copy runs both products on AMX
+//                              tiles (kernel/amx.h); the online softmax (kernel/softmax.h) rescales a
 //                              row only when its max grows; tiles hidden by causal / window /
 //                              key_lengths / an all-false mask block are skipped
 //                              (kernel/masking.h); one-row tasks take the decode row path

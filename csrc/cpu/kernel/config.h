@@ -2,8 +2,8 @@
 // the instruction set it is compiled for, OpenMP (or a one-thread stand-in) and the knobs
 // CMake sets per instruction set:
 //   MHA_CPU_NS         the namespace of this copy of the kernel (cpu_generic, cpu_avx2, ...)
-//   MHA_CPU_VEC_BYTES  bytes of one vec_t (vec.h): 32 today for generic (two SSE registers)
-//                      and avx2 (one AVX register); 64 for an AVX-512 build
+//   MHA_CPU_VEC_BYTES  bytes of one vec_t (vec.h): 32 for generic (two SSE registers) and
+//                      avx2 (one AVX register); 64 for avx512 and amx (one zmm register)
 //
 // The kernel is compiled once per instruction set, each copy inside its own namespace, so the
 // copies never share a symbol. It must not instantiate STL templates (std::vector, std::min,

@@ -105,6 +105,13 @@ inline void load_row(const double* src, A* dst, int64_t n, A mul) {
 template <typename A>
 inline void load_row(const f16* src, A* dst, int64_t n, A mul) {
     int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 m16 = _mm512_set1_ps(mul);
+    for (; d + 16 <= n; d += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d));
+        _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_cvtph_ps(h), m16));
+    }
+#endif
 #if defined(__F16C__)
     const __m256 m = _mm256_set1_ps(mul);
     for (; d + 8 <= n; d += 8) {
@@ -116,7 +123,16 @@ inline void load_row(const f16* src, A* dst, int64_t n, A mul) {
 }
 template <typename A>
 inline void load_row(const bf16* src, A* dst, int64_t n, A mul) {
-    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d].bits) * mul;
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 m = _mm512_set1_ps(mul);
+    for (; d + 16 <= n; d += 16) {  // bf16 -> fp32 is a 16-bit shift
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d));
+        const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm512_storeu_ps(dst + d, _mm512_mul_ps(f, m));
+    }
+#endif
+    for (; d < n; ++d) dst[d] = bf16_to_float(src[d].bits) * mul;
 }
 
 // dst[d] = T(src[d] * mul) for d < n.
@@ -128,6 +144,14 @@ inline void store_row(const double* src, double* dst, int64_t n, double mul) {
 }
 inline void store_row(const float* src, f16* dst, int64_t n, float mul) {
     int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 m16 = _mm512_set1_ps(mul);
+    for (; d + 16 <= n; d += 16) {
+        const __m256i h = _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + d), m16),
+                                          _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), h);
+    }
+#endif
 #if defined(__F16C__)
     const __m256 m = _mm256_set1_ps(mul);
     for (; d + 8 <= n; d += 8) {
@@ -139,7 +163,24 @@ inline void store_row(const float* src, f16* dst, int64_t n, float mul) {
     for (; d < n; ++d) dst[d].bits = float_to_half(src[d] * mul);
 }
 inline void store_row(const float* src, bf16* dst, int64_t n, float mul) {
-    for (int64_t d = 0; d < n; ++d) dst[d].bits = float_to_bf16(src[d] * mul);
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    // float_to_bf16 on 16 lanes: round to nearest even, NaN kept quiet (integer ops, so
+    // subnormals round exactly as the scalar code does, unlike VCVTNEPS2BF16).
+    const __m512 m = _mm512_set1_ps(mul);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    for (; d + 16 <= n; d += 16) {
+        const __m512i x = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(src + d), m));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd), 16);
+        const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(x, abs_mask), inf);
+        r = _mm512_mask_mov_epi32(
+            r, nan, _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtepi32_epi16(r));
+    }
+#endif
+    for (; d < n; ++d) dst[d].bits = float_to_bf16(src[d] * mul);
 }
 
 }  // namespace MHA_CPU_NS

@@ -11,7 +11,17 @@
 namespace mha {
 namespace MHA_CPU_NS {
 
-constexpr int kMr = 6;  // GEMM row block: 6 x 2 accumulators + 2 loads fit 16 AVX registers
+constexpr int kMr = 6;  // row block of the tile loop's diagonal tiles (and of the AVX2 GEMM)
+
+// Register blocks of the GEMM by vector width: MR rows x NV vectors of accumulators.
+//   32-byte vectors (AVX2, 16 registers): 6 x 2 (12 accumulators + 2 loads), tail 6 x 1.
+//   64-byte vectors (AVX-512, 32 registers): 6 x 4 (24 accumulators + 4 loads; the A element
+//   is an embedded broadcast of the FMA), then 12 x 2 and 12 x 1 for narrower tails.
+template <int NV>
+struct GemmBlock {
+    static constexpr int kRows = MHA_CPU_VEC_BYTES >= 64 ? (NV >= 4 ? 6 : 12) : 6;
+};
+constexpr int kGemmWideNv = MHA_CPU_VEC_BYTES >= 64 ? 4 : 2;
 
 // C[MR x NV*W] (+)= A[MR x K] . B[K x NV*W] with W the vector width. A[r][kk] is
 // a[r * a_rs + kk * a_cs] (either operand order of a row-major matrix), B and C row-major.
@@ -21,27 +31,40 @@ inline void gemm_micro(int64_t K, const A* __restrict a, int64_t a_rs, int64_t a
     using V = vec_t<A>;
     constexpr int W = Vec<A>::kWidth;
     V acc[MR][NV];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) acc[r][n] = kAccumulate ? vload(c + r * ldc + n * W) : V{};
     }
     for (int64_t kk = 0; kk < K; ++kk) {
         V bv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) bv[n] = vload(b + kk * ldb + n * W);
         const A* ak = a + kk * a_cs;
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int r = 0; r < MR; ++r) {
             const A ar = ak[r * a_rs];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int n = 0; n < NV; ++n) acc[r][n] += ar * bv[n];
         }
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) vstore(c + r * ldc + n * W, acc[r][n]);
+    }
+}
+
+// The last M < MR rows of a column block: one micro-kernel of exactly that many rows.
+template <typename A, int MR, int NV, bool kAccumulate>
+inline void gemm_tail(int64_t m, int64_t K, const A* a, int64_t a_rs, int64_t a_cs, const A* b,
+                      int64_t ldb, A* c, int64_t ldc) {
+    if constexpr (MR > 0) {
+        if (m == MR) {
+            gemm_micro<A, MR, NV, kAccumulate>(K, a, a_rs, a_cs, b, ldb, c, ldc);
+        } else {
+            gemm_tail<A, MR - 1, NV, kAccumulate>(m, K, a, a_rs, a_cs, b, ldb, c, ldc);
+        }
     }
 }
 
@@ -49,19 +72,14 @@ inline void gemm_micro(int64_t K, const A* __restrict a, int64_t a_rs, int64_t a
 template <typename A, int NV, bool kAccumulate>
 inline void gemm_rows(int64_t M, int64_t K, const A* a, int64_t a_rs, int64_t a_cs,
                       const A* b, int64_t ldb, A* c, int64_t ldc) {
+    constexpr int MR = GemmBlock<NV>::kRows;
     int64_t i = 0;
-    for (; i + kMr <= M; i += kMr) {
-        gemm_micro<A, kMr, NV, kAccumulate>(K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+    for (; i + MR <= M; i += MR) {
+        gemm_micro<A, MR, NV, kAccumulate>(K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
     }
-    const A* ai = a + i * a_rs;
-    A* ci = c + i * ldc;
-    switch (M - i) {
-        case 5: gemm_micro<A, 5, NV, kAccumulate>(K, ai, a_rs, a_cs, b, ldb, ci, ldc); break;
-        case 4: gemm_micro<A, 4, NV, kAccumulate>(K, ai, a_rs, a_cs, b, ldb, ci, ldc); break;
-        case 3: gemm_micro<A, 3, NV, kAccumulate>(K, ai, a_rs, a_cs, b, ldb, ci, ldc); break;
-        case 2: gemm_micro<A, 2, NV, kAccumulate>(K, ai, a_rs, a_cs, b, ldb, ci, ldc); break;
-        case 1: gemm_micro<A, 1, NV, kAccumulate>(K, ai, a_rs, a_cs, b, ldb, ci, ldc); break;
-        default: break;
+    if (i < M) {
+        gemm_tail<A, MR - 1, NV, kAccumulate>(M - i, K, a + i * a_rs, a_rs, a_cs, b, ldb,
+                                              c + i * ldc, ldc);
     }
 }
 
@@ -70,9 +88,16 @@ template <typename A, bool kAccumulate>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t a_rs, int64_t a_cs, const A* b,
           int64_t ldb, A* c, int64_t ldc) {
     constexpr int W = Vec<A>::kWidth;
+    constexpr int NW = kGemmWideNv;
     int64_t j = 0;
-    for (; j + 2 * W <= N; j += 2 * W) {
-        gemm_rows<A, 2, kAccumulate>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+    for (; j + NW * W <= N; j += NW * W) {
+        gemm_rows<A, NW, kAccumulate>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+    }
+    if constexpr (NW > 2) {
+        if (j + 2 * W <= N) {
+            gemm_rows<A, 2, kAccumulate>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
+            j += 2 * W;
+        }
     }
     if (j < N) gemm_rows<A, 1, kAccumulate>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc);
 }

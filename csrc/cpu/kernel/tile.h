@@ -10,6 +10,12 @@
 
 namespace mha {
 namespace MHA_CPU_NS {
+inline int64_t amx_scratch_bytes(int64_t dk, int64_t dvp, int64_t bq, int64_t bk);  // amx.h
+}  // namespace MHA_CPU_NS
+}  // namespace mha
+
+namespace mha {
+namespace MHA_CPU_NS {
 
 #ifndef MHA_CPU_BLOCK_Q  // overridable at build time for tuning experiments
 #define MHA_CPU_BLOCK_Q 192
@@ -49,6 +55,13 @@ struct TileBuffers {
     int64_t* diag;    // (kBlockQ)     ALiBi: each row's diagonal i + off (visibility.h)
     A* slope;         // (kBlockQ)     ALiBi: each row's slope
     A* alibi_rel;     // (kBlockQ)     ALiBi: diag - j0 of the current tile
+    // AMX path only (amx.h; null otherwise), bf16 bits: Q^T and V in the VNNI pair layout,
+    // a zero-padded 16-key group of K, P in A-tile blocks; one 16 x 16 fp32 tile.
+    uint16_t* amx_q = nullptr;
+    uint16_t* amx_k = nullptr;
+    uint16_t* amx_v = nullptr;
+    uint16_t* amx_p = nullptr;
+    float* amx_c = nullptr;
 };
 
 // What of a (nq rows x nk keys) block starting at key j0 can be seen.
@@ -72,6 +85,7 @@ struct TileDims {
     // allocate, and page-fault, a full tile's scratch).
     int64_t bq = kBlockQ;
     int64_t bk = kBlockK;
+    bool amx = false;  // bf16 tasks take the AMX micro-kernels (amx.h)
 
     template <typename A>
     int64_t scratch_bytes() const {
@@ -86,6 +100,7 @@ struct TileDims {
         n += 5 * round_up(bq * a, pad) + 2 * round_up(bq * 4, pad) +
              round_up(bq * static_cast<int64_t>(sizeof(KeyRange)), pad);
         n += round_up(bq * 8, pad) + 2 * round_up(bq * a, pad);  // diag, slope, alibi_rel
+        if (amx) n += amx_scratch_bytes(dk, dvp, bq, bk);
         return n + pad;
     }
 
@@ -111,6 +126,15 @@ struct TileDims {
         buf.diag = sc.take<int64_t>(bq);
         buf.slope = sc.take<A>(bq);
         buf.alibi_rel = sc.take<A>(bq);
+        if (amx) {
+            const int64_t dk32 = round_up(dk, 32), bk32 = round_up(bk, 32);
+            const int64_t bq16 = round_up(bq, 16);
+            buf.amx_q = sc.take<uint16_t>(dk32 * bq16);
+            buf.amx_k = sc.take<uint16_t>(16 * dk32);
+            buf.amx_v = sc.take<uint16_t>(bk32 * round_up(dvp, 32));
+            buf.amx_p = sc.take<uint16_t>(bq16 * bk32);
+            buf.amx_c = sc.take<float>(16 * 16);
+        }
         return buf;
     }
 };

@@ -12,6 +12,7 @@
 // include only from there, inside namespace mha::MHA_CPU_NS, no STL templates.
 #pragma once
 
+#include "cpu/kernel/amx.h"
 #include "cpu/kernel/convert.h"
 #include "cpu/kernel/decode_row.h"
 #include "cpu/kernel/masking.h"
@@ -293,10 +294,25 @@ struct Blocked : TileDims {
             buf.m[r] = neg_inf;
             buf.l[r] = 0;
         }
-        for (int64_t x = 0; x < nq * dvp; ++x) buf.acc[x] = 0;
+        // bf16 on AMX (amx.h): tasks of more than kGemvRows queries, dot score; not for
+        // tasks that pack the query rows of a GQA group (their rows come from several heads).
+        const bool use_amx = amx && !pack && nq > kGemvRows && j_begin < j_end;
+        for (int64_t x = 0; x < (use_amx ? nqc : nq) * dvp; ++x) buf.acc[x] = 0;
 
-        if (j_begin < j_end) load_queries(buf, b, h, i0, nq, nqc);
+        // (AMX tasks read their own Q^T; the fp32 one only serves the weights pass.)
+        if (j_begin < j_end && !(use_amx && p.weights == nullptr)) {
+            load_queries(buf, b, h, i0, nq, nqc);
+        }
         const bool row_path = nq == 1 && p.score == Score::kDot;
+#if MHA_CPU_AMX
+        const AmxTask amx_task(use_amx);
+        const float amx_scale =
+            use_amx ? amx_pack_queries(reinterpret_cast<const bf16*>(q_row(b, h, i0)),
+                                       p.q_stride_seq, nq, nqc, dk, static_cast<float>(p.scale),
+                                       buf.amx_q)
+                    : 1.0f;
+        (void)amx_scale;  // read by bf16 tasks only
+#endif
         for (int64_t j0 = j_begin, nk = 0; j0 < j_end; j0 += nk) {
             if (stopped()) return;  // the call is abandoned: outputs are not needed
             nk = tile_keys(j0, j_end);
@@ -304,6 +320,15 @@ struct Blocked : TileDims {
             const A* bias_j = bias == nullptr ? nullptr : bias + j0 * p.bias_stride_k;
             const TileBlock blk = block_visibility(p, buf, j0, nq, nk, mask_j);
             if (!blk.any) continue;  // hidden tile: skip it whole
+#if MHA_CPU_AMX
+            if constexpr (AmxStorage<T>::value) {
+                if (use_amx) {
+                    amx_tile_step(p, *this, buf, blk, j0, nq, nqc, nk, k_tile(b, hk, j0),
+                                  v_tile(b, hk, j0), mask_j, bias_j, amx_scale);
+                    continue;
+                }
+            }
+#endif
             int64_t ldk, ldv;
             const A* k_rows = key_rows(buf, k_tile(b, hk, j0), nk, &ldk);
             if (row_path) {
@@ -499,6 +524,7 @@ struct Blocked : TileDims {
         bk = min_of(kBlockK, max_of<int64_t>(p.seqlen_k, 1));
         direct_k = kDirect && p.score != Score::kAdditive;
         direct_v = kDirect && p.head_dim_v % kW == 0;
+        amx = AmxStorage<T>::value && p.score == Score::kDot;
 
         // Packed score parameters.
         if (p.score != Score::kDot) {

@@ -10,8 +10,9 @@ namespace mha {
 namespace MHA_CPU_NS {
 
 // ------------------------------------------------------------------------------------------
-// Vectors: 32 bytes of accum_t (8 floats / 4 doubles). GCC lowers them to one AVX register in
-// the AVX2 build and to two SSE registers in the baseline build.
+// Vectors: MHA_CPU_VEC_BYTES bytes of accum_t: 32 (8 floats / 4 doubles), which GCC lowers to
+// one AVX register in the AVX2 build and to two SSE registers in the baseline build, or 64
+// (16 floats / 8 doubles, one zmm register) in the avx512 and amx builds.
 
 template <typename A>
 struct Vec;
