@@ -44,6 +44,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 
 
+def _machine_folder() -> Path:
+    """benchmarks/results/<machine folder> of this CPU (bench_forward.machine_folder)."""
+    sys.path.insert(0, str(HERE))
+    import bench_forward
+
+    return HERE / "results" / bench_forward.machine_folder(bench_forward.cpu_description())
+
+
 def cpu_header() -> dict:
     model, flags = platform.processor(), ""
     try:
@@ -192,7 +200,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="batches 1, 8; L 128 only")
-    ap.add_argument("--out", default=str(HERE / "results" / "intel-xeon-avx512-amx"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/<machine folder>")
     args = ap.parse_args()
     import torch
 
@@ -205,7 +213,7 @@ def main():
     res["layers"] = bench_layers(args.reps, [128] if args.quick else [128, 512])
     res["split_ms"] = time_split()
     print(res["split_ms"])
-    out = Path(args.out)
+    out = Path(args.out) if args.out else _machine_folder()
     out.mkdir(parents=True, exist_ok=True)
     (out / "layers.json").write_text(json.dumps(res, indent=2))
     h = res["header"]

@@ -46,6 +46,14 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+
+
+def _machine_folder() -> Path:
+    """benchmarks/results/<machine folder> of this CPU (bench_forward.machine_folder)."""
+    sys.path.insert(0, str(HERE))
+    import bench_forward
+
+    return HERE / "results" / bench_forward.machine_folder(bench_forward.cpu_description())
 SPIN_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 VARIANTS = {
     "libgomp default": {"GOMP_SPINCOUNT": "300000"},
@@ -265,7 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--before", help="site directory of an older mha_ext build (A/B)")
     ap.add_argument("--variants", help="comma-separated subset of the variants to run")
     ap.add_argument("--quick", action="store_true", help="2 rounds x 5 reps, no files written")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "intel-xeon-avx512-amx")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: benchmarks/results/<machine folder>")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.reps, args.threads)))
@@ -315,6 +324,7 @@ def main(argv=None) -> int:
     for k in keys:
         print(f"{k:<{width}} " + " ".join(f"{median[n][k]:16.1f}" for n in names))
     if not args.quick:
+        args.out = args.out or _machine_folder()
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "threads.json").write_text(json.dumps(res, indent=1) + "\n")
         write_markdown(res, args.out / "threads.md")
