@@ -217,6 +217,8 @@ def write_markdown(res, path):
         x = s["memory_16k"]
         lines.append(f"| extra memory, backward L=16k H=8 D=64 | < 128 MB | {x['extra_mb']:.1f} "
                      f"MB | {'pass' if x['pass'] else 'FAIL'} |")
+    if (path.parent / "backward_profile.md").exists():
+        lines += ["", "Where the time goes and what closes the gap: `backward_profile.md`."]
     lines += ["", "## Backward and forward + backward, B = 1, H = 8 (ms median; GFLOP/s)", "",
               "| dtype | D | L | causal | mha_ext bwd ms | GF/s | torch bwd ms | GF/s | bwd "
               "speedup | mha_ext fwd+bwd ms | torch fwd+bwd ms | fwd+bwd speedup |",
@@ -266,6 +268,7 @@ def write_plot(res, path):
                 ax.plot(Ls, [r["gflops"]["torch_bwd"] for r in rows], ls, marker="x",
                         color=line.get_color(), alpha=0.5, label=f"torch {label}")
         ax.set(xscale="log", xlabel="L", title=f"backward, {dtype}, B=1 H=8")
+        ax.minorticks_off()
         ax.set_xticks(list(LENS), [str(x) for x in LENS])
     axes[0].set_ylabel("GFLOP/s (2.5 x forward FLOPs)")
     axes[-1].legend(fontsize=7, ncol=2)

@@ -54,3 +54,13 @@ def test_flop_and_byte_counts():
     assert kl.visible_keys == 1792
     dec = bench_forward.Config("decode", 1, 32, 32, 1, 32768, 128)
     assert dec.kv_bytes == 2 * 32 * 32768 * 128 * 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_bench_validates_small_case(dtype, causal):
+    import bench_backward
+
+    calls = bench_backward.make_case(dtype, 64, 16, causal, threads=1)
+    assert bench_backward.validate(calls, dtype)["ok"]
+    assert bench_backward.flops(64, 16, True) == 2.5 * 4 * 8 * 64 * 64 * 16 / 2

@@ -194,6 +194,23 @@ struct Backward {
         }
     }
 
+    // Whether x[0 .. n) holds no Inf/NaN (inf * 0 and nan * 0 are nan), with a vector
+    // accumulator: a scalar chain of dependent adds cost as much as a small tile's GEMMs.
+    static bool all_finite_n(const A* x, int64_t n) {
+        using V = vec_t<A>;
+        V z{};
+        int64_t i = 0;
+        for (; i + kW <= n; i += kW) {
+            V e;
+            std::memcpy(&e, x + i, sizeof(V));
+            z += e * A(0);
+        }
+        A t = 0;
+        for (; i < n; ++i) t += x[i] * A(0);
+        for (int w = 0; w < kW; ++w) t += z[w];
+        return t == 0;
+    }
+
     // One packed query tile of the task (see BwdBuffers).
     struct QTile {
         A *q_rows, *qt, *do_rows, *dot, *lse, *dd;
@@ -254,9 +271,7 @@ struct Backward {
             t.lse[r] = inf;
             t.dd[r] = 0;
         }
-        for (int64_t x = 0; x < nq * dkp; ++x) z += t.q_rows[x] * A(0);
-        for (int64_t x = 0; x < nq * dvp; ++x) z += t.do_rows[x] * A(0);
-        *t.finite = z == 0;  // inf * 0 and nan * 0 are nan
+        *t.finite = z == 0 && all_finite_n(t.q_rows, nq * dkp) && all_finite_n(t.do_rows, nq * dvp);
     }
 
     // C (m x n, ldc) += A B skipping zero coefficients of A (a[r * a_rs + kk * a_cs]), so a
@@ -473,7 +488,6 @@ struct Backward {
                              hk * p.k_stride_head + j0 * p.k_stride_seq;
                 const T* v = static_cast<const T*>(p.v) + b * p.v_stride_batch +
                              hk * p.v_stride_head + j0 * p.v_stride_seq;
-                A z = 0;
                 for (int64_t j = 0; j < nk; ++j) {
                     A* kr = additive ? buf.k_raw + j * dk : buf.k_rows + j * dkp;
                     A* vr = buf.v_rows + j * dvp;
@@ -481,14 +495,14 @@ struct Backward {
                     load_row(v + j * p.v_stride_seq, vr, dv, A(1));
                     for (int64_t d = dk; d < (additive ? dk : dkp); ++d) kr[d] = 0;
                     for (int64_t d = dv; d < dvp; ++d) vr[d] = 0;
-                    for (int64_t d = 0; d < dk; ++d) z += kr[d] * A(0);
-                    for (int64_t d = 0; d < dv; ++d) z += vr[d] * A(0);
                 }
+                bool keys_finite = all_finite_n(buf.v_rows, nk * dvp) &&
+                                   all_finite_n(additive ? buf.k_raw : buf.k_rows,
+                                                nk * (additive ? dk : dkp));
                 if (additive) {
                     gemm<A, false>(nk, dkp, dk, buf.k_raw, dk, 1, w_k, dkp, buf.k_rows, dkp);
-                    for (int64_t x = 0; x < nk * dkp; ++x) z += buf.k_rows[x] * A(0);
+                    keys_finite = keys_finite && all_finite_n(buf.k_rows, nk * dkp);
                 }
-                const bool keys_finite = z == 0;
                 for (int64_t hh = 0; hh < group; ++hh) {
                     const int64_t h = hk * group + hh;
                     for (int64_t qi = 0; qi < n_qtiles; ++qi) {
