@@ -173,8 +173,8 @@ void run_simt(const AttentionParams& p, const cuda::SimtArgs<A>& args, int64_t n
               int64_t grid_x, size_t smem, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(num_splits));
     MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
-        cuda::attention_simt_kernel<T, A, kAdditive><<<grid, kSimtWarps * 32, smem, stream>>>(p,
-                                                                                          args);
+        MHA_LAUNCH(grid, kSimtWarps * 32, smem, stream,
+                   cuda::attention_simt_kernel<T, A, kAdditive>)(p, args);
     });
     check_launch("the attention kernel");
 }
@@ -182,8 +182,8 @@ void run_simt(const AttentionParams& p, const cuda::SimtArgs<A>& args, int64_t n
 template <typename T, typename A>
 void run_combine(const AttentionParams& p, const A* part_out, const A* part_lse,
                  int64_t num_splits, A* lse, int64_t grid_x, cudaStream_t stream) {
-    cuda::attention_combine_kernel<T, A><<<static_cast<unsigned>(grid_x), kSimtWarps * 32, 0,
-                                           stream>>>(p, part_out, part_lse,
+    MHA_LAUNCH(static_cast<unsigned>(grid_x), kSimtWarps * 32, 0, stream,
+               cuda::attention_combine_kernel<T, A>)(p, part_out, part_lse,
                                                      static_cast<int>(num_splits), lse);
     check_launch("the split-KV merge kernel");
 }
@@ -193,8 +193,8 @@ void run_weights(const AttentionParams& p, const cuda::SimtArgs<A>& args, const 
                  A* weights, int64_t grid_x, size_t smem, cudaStream_t stream) {
     const unsigned gx = static_cast<unsigned>(grid_x);
     MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
-        cuda::attention_weights_kernel<T, A, kAdditive><<<gx, kSimtWarps * 32, smem, stream>>>(
-            p, args, lse, weights);
+        MHA_LAUNCH(gx, kSimtWarps * 32, smem, stream,
+                   cuda::attention_weights_kernel<T, A, kAdditive>)(p, args, lse, weights);
     });
     check_launch("the attention weights kernel");
 }
@@ -206,7 +206,7 @@ void run_project(const T* x, int64_t batch, int64_t heads, int64_t seq, int64_t 
     const int64_t total = batch * heads * seq * n_out;
     if (total == 0) return;
     const int64_t blocks = ceil_div(total, 256) < 65536 * 8 ? ceil_div(total, 256) : 65536 * 8;
-    cuda::project_rows_kernel<T, A><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+    MHA_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, cuda::project_rows_kernel<T, A>)(
         x, batch, heads, seq, dim, sb, sh, ss, w, n_out, mul, key_lengths, y);
     check_launch("the score projection kernel");
 }

@@ -172,7 +172,7 @@ __device__ __forceinline__ A score_of(const AttentionParams& p, const SimtArgs<A
 template <typename T, typename A, bool kAdditive>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     attention_simt_kernel(const AttentionParams p, const SimtArgs<A> a) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MHA_DYNAMIC_SMEM(smem_raw);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int64_t width = a.dqk + p.head_dim_v;
@@ -337,7 +337,7 @@ template <typename T, typename A, bool kAdditive>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     attention_weights_kernel(const AttentionParams p, const SimtArgs<A> a, const A* lse_in,
                              A* weights) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MHA_DYNAMIC_SMEM(smem_raw);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     A* qs = a.scratch != nullptr
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
     using Mma = MmaOp<T>;
 
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MHA_DYNAMIC_SMEM(smem_raw);
     T* q_s = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch)
     T* k_s = q_s + kBlockM * kPitch;          // (2, kBlockN, kPitch)
     T* v_s = k_s + 2 * kBlockN * kPitch;      // (2, kBlockN, kPitch)

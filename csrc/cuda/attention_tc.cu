@@ -25,7 +25,8 @@ void launch(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
                 "device='cuda': too many query tiles for one launch (batch * heads * "
                 "ceil(Lq / 64) must stay below 2^31)");
         }
-        kernel<<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p, args);
+        MHA_LAUNCH(static_cast<unsigned>(blocks), kWarps * 32, smem, stream,
+                   attention_tc_kernel<T, kHeadDim, kWarps, kBlockN>)(p, args);
         err = cudaGetLastError();
     }
     if (err != cudaSuccess) {

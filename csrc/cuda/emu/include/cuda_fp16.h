@@ -1,0 +1,28 @@
+// Host emulation (MHA_EXT_CUDA_EMULATOR): the parts of <cuda_fp16.h> the kernels use. __half
+// is IEEE binary16; conversions round to nearest even like __float2half_rn.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+struct __half {
+    uint16_t bits;
+    __half() = default;
+    __half(float f) {  // NOLINT: implicit like CUDA's
+        const _Float16 h = static_cast<_Float16>(f);
+        std::memcpy(&bits, &h, 2);
+    }
+    operator float() const {  // NOLINT
+        _Float16 h;
+        std::memcpy(&h, &bits, 2);
+        return static_cast<float>(h);
+    }
+};
+struct __half2 {
+    __half x, y;
+};
+static_assert(sizeof(__half) == 2 && sizeof(__half2) == 4, "half layout");
+
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __float2half_rn(float f) { return __half(f); }
+inline __half2 __floats2half2_rn(float lo, float hi) { return __half2{__half(lo), __half(hi)}; }
