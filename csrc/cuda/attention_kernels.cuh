@@ -6,11 +6,15 @@
 //                            accumulators). A block of kWarps warps owns kWarps*16 query rows
 //                            of one (batch, head); K/V tiles of kBlockN keys are double
 //                            buffered in shared memory (cp.async when rows are 16-byte
-//                            aligned, plain loads otherwise); Q stays in registers; P is
+//                            aligned, plain loads otherwise); Q passes through the second K
+//                            buffer into registers before the key loop, so shared memory is
+//                            4 * kBlockN rows (36 KB at D = 64, 68 KB at D = 128); P is
 //                            re-packed from the S accumulators into A fragments; V fragments
 //                            come from ldmatrix.trans. Online softmax in base 2 with the scale
 //                            folded in. Masks, bias, causal, window, key_lengths per element
-//                            on tiles that need them.
+//                            on tiles that need them; on such a tile, a NaN/Inf in V at a key
+//                            some row cannot see is kept out of that row (P = 0 times NaN
+//                            would poison it): the tile's P V then runs lane by lane.
 //   attention_simt_kernel    every dtype (float64 in double, the rest in float), every score:
 //                            one warp per query row, one key per lane for the scores, one
 //                            output dimension per lane for P.V. Any D, Dk, Dv. Optional split
@@ -36,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/ptx.cuh"
 #include "params.h"
@@ -478,8 +483,31 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
     }
 }
 
+// True when an element this thread copied with load_tile (same n_rows, dim, vec) is NaN or
+// +-Inf. Called after the thread's own copies are complete (cp_async_wait), before the
+// barrier: no other thread's data is read.
+template <typename T, int kPitch>
+__device__ __forceinline__ bool own_rows_nonfinite(const T* tile, int n_rows, int dim, bool vec) {
+    // binary16: exponent 0x7c00; bfloat16: exponent 0x7f80 (all ones: Inf or NaN)
+    const uint16_t exp_mask = std::is_same<T, __half>::value ? 0x7c00 : 0x7f80;
+    bool bad = false;
+    const int per = vec ? 8 : 1;
+    const int cols = dim / per;
+    for (int idx = threadIdx.x; idx < n_rows * cols; idx += blockDim.x) {
+        const int r = idx / cols;
+        const int c = (idx - r * cols) * per;
+        for (int e = 0; e < per; ++e) {
+            uint16_t bits;
+            memcpy(&bits, tile + r * kPitch + c + e, 2);
+            bad |= (bits & exp_mask) == exp_mask;
+        }
+    }
+    return bad;
+}
+
 // Grid: one block per (query tile, batch*head), heaviest (last) query tiles first.
-// Dynamic shared memory: (kBlockM + 4 * kBlockN) * (kHeadDim + 8) elements of T.
+// Dynamic shared memory: tc_smem_bytes<T, kHeadDim, kBlockN>() = 4 * kBlockN * (kHeadDim + 8)
+// elements of T.
 template <typename T, int kHeadDim, int kWarps, int kBlockN>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_tc_kernel(const AttentionParams p, const TcArgs args) {
@@ -492,9 +520,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     using Mma = MmaOp<T>;
 
     MHA_DYNAMIC_SMEM(smem_raw);
-    T* q_s = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch)
-    T* k_s = q_s + kBlockM * kPitch;          // (2, kBlockN, kPitch)
+    static_assert(kBlockM <= kBlockN, "the Q tile lives in the second K buffer");
+    T* k_s = reinterpret_cast<T*>(smem_raw);  // (2, kBlockN, kPitch)
     T* v_s = k_s + 2 * kBlockN * kPitch;      // (2, kBlockN, kPitch)
+    T* q_s = k_s + kBlockN * kPitch;          // (kBlockM, kPitch): K buffer 1 until tile 1
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -519,7 +548,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     // Zero the whole tile storage once: columns >= dim stay zero for the dot products.
     {
         uint4* z = reinterpret_cast<uint4*>(smem_raw);
-        const int n16 = (kBlockM + 4 * kBlockN) * kPitch * static_cast<int>(sizeof(T)) / 16;
+        const int n16 = 4 * kBlockN * kPitch * static_cast<int>(sizeof(T)) / 16;
         for (int x = threadIdx.x; x < n16; x += blockDim.x) z[x] = make_uint4(0, 0, 0, 0);
     }
     __syncthreads();
@@ -578,13 +607,28 @@ __global__ void __launch_bounds__(kWarps * 32)
         cp_async_commit();
     }
 
+    // Q into registers, then the second K buffer is free for the prefetch of tile 1.
     uint32_t qf[kSteps][4];
+    if (n_tiles > 0) {
+        cp_async_wait<0>();
+        __syncthreads();
+        const T* qw = q_s + warp * 16 * kPitch;
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) {
+            const int c = ks * 16 + t4 * 2;
+            qf[ks][0] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c);
+            qf[ks][1] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c);
+            qf[ks][2] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c + 8);
+            qf[ks][3] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c + 8);
+        }
+        __syncthreads();
+    }
     for (int64_t t = 0; t < n_tiles; ++t) {
         const int64_t n0 = j_begin + t * kBlockN;
         const int buf = static_cast<int>(t & 1);
         if (t + 1 < n_tiles) {
             // Prefetch the next tile into the other buffer (free since the barrier that
-            // ended iteration t - 1).
+            // ended iteration t - 1, or for t = 0 the one after Q went to registers).
             const int64_t n1 = n0 + kBlockN;
             T* kd = k_s + (buf ^ 1) * kBlockN * kPitch;
             T* vd = v_s + (buf ^ 1) * kBlockN * kPitch;
@@ -597,18 +641,17 @@ __global__ void __launch_bounds__(kWarps * 32)
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads();
-
-        if (t == 0) {
-            const T* qw = q_s + warp * 16 * kPitch;
-#pragma unroll
-            for (int ks = 0; ks < kSteps; ++ks) {
-                const int c = ks * 16 + t4 * 2;
-                qf[ks][0] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c);
-                qf[ks][1] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c);
-                qf[ks][2] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c + 8);
-                qf[ks][3] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c + 8);
-            }
+        // A tile strictly inside every row's interval (and free of the zero-filled keys past
+        // j_end) needs no per-element check. Any other tile: is there a NaN/Inf in its V?
+        const bool inside = !per_element && last.lo <= n0 && first.hi >= n0 + kBlockN - 1 &&
+                            first.lo <= first.hi && last.lo <= last.hi;
+        bool v_bad = false;
+        if (inside) {
+            __syncthreads();
+        } else {
+            const int rows_here = static_cast<int>(min(int64_t(kBlockN), j_end - n0));
+            v_bad = __syncthreads_or(own_rows_nonfinite<T, kPitch>(
+                        v_s + buf * kBlockN * kPitch, rows_here, dim_v, args.vec)) != 0;
         }
 
         // S = Q K^T for this warp's 16 rows and kBlockN keys.
@@ -627,10 +670,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             }
         }
 
-        // Scale to base-2 units and hide what may not be seen. A tile strictly inside every
-        // row's interval (and free of the zero-filled keys past j_end) needs no check.
-        const bool inside = !per_element && last.lo <= n0 && first.hi >= n0 + kBlockN - 1 &&
-                            first.lo <= first.hi && last.lo <= last.hi;
+        // Scale to base-2 units and hide what may not be seen; hidden: bit nt * 4 + e.
+        uint32_t hidden = 0;
         if (inside) {
 #pragma unroll
             for (int nt = 0; nt < kTilesN; ++nt) {
@@ -650,6 +691,8 @@ __global__ void __launch_bounds__(kWarps * 32)
                     if (vis) {
                         x = s[nt][e] * scale_log2;
                         if (bias_row[r] != nullptr) x += bias_row[r][j * p.bias_stride_k] * kLog2e;
+                    } else {
+                        hidden |= 1u << (nt * 4 + e);
                     }
                     s[nt][e] = x;
                 }
@@ -690,8 +733,44 @@ __global__ void __launch_bounds__(kWarps * 32)
 
         // O += P V: P (16 x kBlockN) from the S accumulators, V fragments by ldmatrix.trans.
         const T* vt = v_s + buf * kBlockN * kPitch;
+        if (v_bad) {
+            // A NaN/Inf in this V tile: lane by lane, so that keys hidden from a row (P = 0)
+            // never reach it. Key j's P is in lane g * 4 + (j % 8) / 2, s[j / 8][j % 2 + 2 r].
+            for (int j = 0; j < kBlockN; ++j) {
+                const int src = g * 4 + ((j & 7) >> 1);
+                float mine0 = 0.0f, mine1 = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                for (int nt = 0; nt < kTilesN; ++nt) {
+                    if (nt == (j >> 3)) {
+                        mine0 = (j & 1) ? s[nt][1] : s[nt][0];
+                        mine1 = (j & 1) ? s[nt][3] : s[nt][2];
+                    }
+                }
+                const float p0 = warp_shfl(mine0, src);
+                const float p1 = warp_shfl(mine1, src);
+                const uint32_t hb = warp_shfl(hidden, src);
+                const int bit = (j >> 3) * 4 + (j & 1);
+                const bool see0 = ((hb >> bit) & 1u) == 0;
+                const bool see1 = ((hb >> (bit + 2)) & 1u) == 0;
+                const T* vr = vt + j * kPitch;
+#pragma unroll
+                for (int x = 0; x < kTilesD; ++x) {
+                    const int c = x * 8 + t4 * 2;
+                    const float v0 = to_accum(vr[c]);
+                    const float v1 = to_accum(vr[c + 1]);
+                    if (see0) {
+                        o[x][0] += p0 * v0;
+                        o[x][1] += p0 * v1;
+                    }
+                    if (see1) {
+                        o[x][2] += p1 * v0;
+                        o[x][3] += p1 * v1;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < (v_bad ? 0 : kBlockN / 16); ++kk) {
             uint32_t pa[4];
             pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
             pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
@@ -740,6 +819,13 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // ------------------------------------------------------------------------------------------
 // Launchers of the tensor-core kernel (attention_tc.cu). p holds device pointers.
+
+// Dynamic shared memory of attention_tc_kernel: two K and two V buffers of kBlockN rows (the
+// Q tile passes through the second K buffer).
+template <typename T, int kHeadDim, int kBlockN>
+constexpr size_t tc_smem_bytes() {
+    return static_cast<size_t>(4 * kBlockN) * (kHeadDim + 8) * sizeof(T);
+}
 
 // The largest head dimension max(D, Dv) the tensor-core kernel covers.
 constexpr int64_t kTcMaxHeadDim = 128;

@@ -19,12 +19,15 @@
 //   MHA_EXT_CUDA_EMU_SCHEDULE=forward|reverse|shuffle   order in which runnable threads resume
 //   MHA_EXT_CUDA_EMU_THREADS=n       OS threads running blocks (default: hardware threads)
 //   MHA_EXT_CUDA_EMU_SMS=n           multiprocessor count the device reports (default 108)
-//   MHA_EXT_CUDA_EMU_LOG=path        append one line per launch (kernel, grid, block, smem)
+//   MHA_EXT_CUDA_EMU_LOG=path        append one line per launch:
+//                                    grid=x,y,z block=x,y,z smem=bytes faults=n checked=bytes
+//                                    kernel=name (checked: shared-memory bytes race-checked)
 //   MHA_EXT_CUDA_EMU_FAIL=func_set_attribute   the next cudaFuncSetAttribute fails (tests)
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -61,6 +64,7 @@ extern __thread BlockView* tl_block __attribute__((tls_model("initial-exec")));
 
 // Barriers.
 void syncthreads();
+int syncthreads_or(int pred);  // __syncthreads_or: the barrier, and the OR of every pred
 void syncwarp();
 
 // A warp exchange: every lane of the calling warp deposits n <= kSlotBytes bytes and waits
@@ -102,14 +106,14 @@ void launch(const LaunchSpec& spec);
 // "T f<...>" of a function template argument, as the compiler spells it.
 template <auto F>
 const char* kernel_name() {
-    static const char* const name = [](const char* s) {
-        const char* p = s;
-        for (const char* q = s; *q != '\0'; ++q) {
-            if (q[0] == 'F' && q[1] == ' ' && q[2] == '=' && q[3] == ' ') p = q + 4;
-        }
-        return p;
+    // "... [with auto F = mha::cuda::attention_tc_kernel<__half, 64, 4, 64>]"
+    static const std::string name = [](const std::string& s) {
+        const size_t p = s.rfind("F = ");
+        if (p == std::string::npos) return s;
+        const size_t e = s.rfind(']');
+        return s.substr(p + 4, e != std::string::npos && e > p ? e - p - 4 : std::string::npos);
     }(__PRETTY_FUNCTION__);
-    return name;
+    return name.c_str();
 }
 
 template <auto F>

@@ -2,6 +2,7 @@
 // cp.async groups, the shared-memory race detector, the runtime API subset, and the hooks that
 // -fsanitize=thread's instrumentation calls from the kernel translation units. See emu.h.
 // This file itself is compiled without the instrumentation.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -25,6 +26,22 @@ namespace mha_emu {
 
 __thread ThreadView* tl_thread __attribute__((tls_model("initial-exec"))) = nullptr;
 __thread BlockView* tl_block __attribute__((tls_model("initial-exec"))) = nullptr;
+
+namespace {
+struct HalfTable {
+    float v[65536];
+    HalfTable() {
+        for (uint32_t b = 0; b < 65536; ++b) {
+            const uint16_t h = static_cast<uint16_t>(b);
+            _Float16 x;
+            std::memcpy(&x, &h, 2);
+            v[b] = static_cast<float>(x);
+        }
+    }
+};
+const HalfTable g_half_table;
+}  // namespace
+const float* const half_to_float_table = g_half_table.v;
 
 namespace {
 
@@ -138,6 +155,7 @@ struct LaunchState {
     std::mutex mu;
     std::vector<std::string> reports;
     long count = 0;
+    std::atomic<long> checked{0};  // shared-memory bytes the detector checked
 };
 
 struct Worker;
@@ -166,6 +184,7 @@ struct Cell {
     uint32_t w_be, w_we;  // block and warp epochs of the write
     int32_t r;            // reader: > 0 one thread; -1 several of warp r_warp; -2 several warps
     int32_t r_warp;
+    int32_t r_last;  // the latest reader (for reports)
     uint32_t r_be, r_we;
     int32_t pend;  // cp.async in flight into this byte (issuer + 1)
 };
@@ -190,10 +209,12 @@ struct Worker {
     uintptr_t lo = 0;  // start of the guarded range
     size_t span = 0;
     int live = 0, arrived = 0;
+    int bar_or = 0, bar_or_result = 0;  // __syncthreads_or
     uint32_t block_epoch = 0;
     void* sched_sp = nullptr;
     Fiber* current = nullptr;
     bool racecheck = false;
+    long checked = 0;
     unsigned rng = 12345;
 
     ~Worker() {
@@ -266,6 +287,8 @@ void release_warp(Worker* w, int warp, bool orders_memory) {
 
 void release_block(Worker* w) {
     w->arrived = 0;
+    w->bar_or_result = w->bar_or;
+    w->bar_or = 0;
     ++w->block_epoch;
     for (auto& wp : w->warps) ++wp.epoch;
     for (auto& f : w->fibers) {
@@ -344,9 +367,11 @@ void check_byte(Worker* w, Fiber* f, size_t off, bool write) {
             ok = c.r_be < E;
         }
         if (!ok) {
-            const std::string other = c.r > 0    ? thread_name(w, c.r - 1)
-                                      : c.r == -1 ? "threads of warp " + std::to_string(c.r_warp)
-                                                  : std::string("threads of several warps");
+            const std::string other =
+                c.r > 0 ? thread_name(w, c.r - 1)
+                        : thread_name(w, c.r_last - 1) +
+                              (c.r == -1 ? " and other threads of warp " + std::to_string(c.r_warp)
+                                         : std::string(" and threads of other warps"));
             race(w, f, off, "writes", "read by " + other);
         }
         c.w = me;
@@ -375,6 +400,7 @@ void check_byte(Worker* w, Fiber* f, size_t off, bool write) {
     } else if (c.r == -1 && c.r_warp != f->view.warp) {
         c.r = -2;
     }
+    c.r_last = me;
     c.r_be = E;
     c.r_we = W;
 }
@@ -392,6 +418,7 @@ void access_slow(Worker* w, uintptr_t a, size_t n, bool write) {
         return;
     }
     if (!w->racecheck) return;
+    w->checked += static_cast<long>(n);
     const size_t off = a - base;
     for (size_t i = 0; i < n; ++i) check_byte(w, f, off + i, write);
 }
@@ -450,6 +477,13 @@ void syncthreads() {
     }
     f->state = State::kBlockWait;
     yield_to_scheduler(f);
+}
+
+int syncthreads_or(int pred) {
+    Worker* w = tl_worker;
+    if (pred != 0) w->bar_or = 1;
+    syncthreads();
+    return w->bar_or_result;
 }
 
 void syncwarp() { warp_barrier(tl_worker->current, true); }
@@ -553,6 +587,7 @@ void run_block(Worker* w, const LaunchSpec& spec, uint3 bid) {
     const int n = static_cast<int>(w->fibers.size());
     w->live = n;
     w->arrived = 0;
+    w->bar_or = 0;
     w->block_epoch = 0;
     for (size_t i = 0; i < w->warps.size(); ++i) {
         Warp& wp = w->warps[i];
@@ -688,6 +723,8 @@ void run_blocks(Worker* w, const LaunchSpec& spec, std::atomic<int64_t>* next, i
                                                    spec.grid.y))};
         run_block(w, spec, bid);
     }
+    w->launch->checked += w->checked;
+    w->checked = 0;
     tl_worker = nullptr;
 }
 
@@ -707,16 +744,16 @@ std::unordered_map<const void*, int>& attrs() {
     return m;
 }
 
-void log_launch(const LaunchSpec& spec, long faults) {
+void log_launch(const LaunchSpec& spec, long faults, long checked) {
     const char* path = env("MHA_EXT_CUDA_EMU_LOG");
     if (path == nullptr) return;
     static std::mutex mu;
     std::lock_guard<std::mutex> lock(mu);
     FILE* fp = std::fopen(path, "a");
     if (fp == nullptr) return;
-    std::fprintf(fp, "kernel=%s grid=%u,%u,%u block=%u,%u,%u smem=%zu faults=%ld\n", spec.name,
+    std::fprintf(fp, "grid=%u,%u,%u block=%u,%u,%u smem=%zu faults=%ld checked=%ld kernel=%s\n",
                  spec.grid.x, spec.grid.y, spec.grid.z, spec.block.x, spec.block.y,
-                 spec.block.z, spec.smem, faults);
+                 spec.block.z, spec.smem, faults, checked, spec.name);
     std::fclose(fp);
 }
 
@@ -763,7 +800,7 @@ void launch(const LaunchSpec& spec) {
     }
     run_blocks(workers[0].get(), spec, &next, blocks);
     for (auto& t : pool) t.join();
-    log_launch(spec, L.count);
+    log_launch(spec, L.count, L.checked.load());
     if (L.count > 0) {
         std::string text = L.reports.front();
         if (L.count > 1) text += " (and " + std::to_string(L.count - 1) + " more reports)";

@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "cuda/emu/emu.h"
+#include "cuda_fp16.h"
 
 #define MHA_DYNAMIC_SMEM(name) unsigned char* const name = ::mha_emu::tl_block->smem
 #define MHA_LAUNCH(grid, block, smem, stream, ...) \
@@ -75,9 +76,7 @@ inline float b16_to_float(uint32_t reg, int half, bool bf16) {
         std::memcpy(&f, &u, 4);
         return f;
     }
-    _Float16 h;
-    std::memcpy(&h, &bits, 2);
-    return static_cast<float>(h);
+    return ::mha_emu::half_to_float_table[bits];
 }
 
 struct MmaIn {
@@ -93,34 +92,31 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
     in.b[1] = b1;
     const unsigned char* s =
         ::mha_emu::warp_exchange(::mha_emu::kOpMma * 2 + (bf16 ? 1 : 0), &in, sizeof(in));
-    auto lane_in = [&](int l) {
+    auto lane_in = [s](int l) {
         MmaIn x;
         std::memcpy(&x, s + l * ::mha_emu::kSlotBytes, sizeof(x));
         return x;
     };
-    // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) % 2 + 2 * (k / 8),
-    // half k % 2. B[k][col]: lane col * 4 + (k % 8) / 2, register k / 8, half k % 2.
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const MmaIn x = lane_in(l);
-        const int g = l >> 2, t = l & 3;
-        for (int i = 0; i < 8; ++i) {
-            const int row = g + 8 * ((i >> 1) & 1);
-            const int col = 2 * t + (i & 1) + 8 * (i >> 2);
-            A[row][col] = b16_to_float(x.a[i >> 1], i & 1, bf16);
-        }
-        for (int i = 0; i < 4; ++i) {
-            const int row = 2 * t + (i & 1) + 8 * (i >> 1);
-            B[row][g] = b16_to_float(x.b[i >> 1], i & 1, bf16);
-        }
-    }
+    // Lane l's outputs need rows g, g + 8 of A and columns 2t, 2t + 1 of B. By the tables,
+    // A[row][k] is in lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) % 2 + 2 (k / 8),
+    // half k % 2; B[k][col] in lane col * 4 + (k % 8) / 2, register k / 8, half k % 2.
     const int lane = ::mha_emu::tl_thread->lane;
     const int g = lane >> 2, t = lane & 3;
+    float A[2][16], B[2][16];
+    for (int k = 0; k < 16; ++k) {
+        const int src = (k & 7) >> 1;
+        for (int r = 0; r < 2; ++r) {
+            const MmaIn x = lane_in(g * 4 + src);
+            A[r][k] = b16_to_float(x.a[r + 2 * (k >> 3)], k & 1, bf16);
+            const MmaIn y = lane_in((2 * t + r) * 4 + src);
+            B[r][k] = b16_to_float(y.b[k >> 3], k & 1, bf16);
+        }
+    }
     for (int i = 0; i < 4; ++i) {
-        const int row = g + 8 * (i >> 1);
-        const int col = 2 * t + (i & 1);
         double acc = c[i];
-        for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[row][k]) * B[k][col];
+        for (int k = 0; k < 16; ++k) {
+            acc += static_cast<double>(A[i >> 1][k]) * static_cast<double>(B[i & 1][k]);
+        }
         c[i] = static_cast<float>(acc);
     }
 }

@@ -199,14 +199,18 @@ __global__ void cp_async_kernel(const unsigned char* src, const int* src_bytes,
     if (mode == 1) cp_async_wait<1>();
     __syncthreads();
     const int other = (t + 1) % n;  // read another thread's chunks
-    for (int b = 0; b < 16; ++b) out[32 * other + b] = smem[32 * other + b];
+    if (mode == 1) {  // the second group, still in flight
+        for (int b = 16; b < 32; ++b) out[32 * other + b] = smem[32 * other + b];
+    } else {
+        for (int b = 0; b < 16; ++b) out[32 * other + b] = smem[32 * other + b];
+    }
     if (mode == 0) {
         for (int b = 16; b < 32; ++b) out[32 * other + b] = smem[32 * other + b];
     }
     cp_async_wait<0>();
     __syncthreads();
     if (mode != 0) {
-        for (int b = 16; b < 32; ++b) out[32 * other + b] = smem[32 * other + b];
+        for (int b = 0; b < 32; ++b) out[32 * other + b] = smem[32 * other + b];
     }
 }
 
@@ -251,8 +255,9 @@ __global__ void sync_kernel(int kind, float* out) {
             __syncwarp();
             if (t == 32) out[0] = s[0];
             break;
-        case 5:  // write after read by another thread, no barrier: a race
+        case 5:  // write after read by another thread, no barrier between them: a race
             if (t == 40) out[0] = s[3];
+            __syncwarp();  // orders warp 0 only (and makes thread 40 read first)
             if (t == 3) s[3] = 5.0f;
             break;
         case 6:  // out of bounds

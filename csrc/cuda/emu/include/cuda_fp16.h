@@ -5,6 +5,11 @@
 #include <cstdint>
 #include <cstring>
 
+namespace mha_emu {
+// binary16 -> binary32 for all 65536 bit patterns (emu_runtime.cpp fills it at load time).
+extern const float* const half_to_float_table __attribute__((visibility("hidden")));
+}
+
 struct __half {
     uint16_t bits;
     __half() = default;
@@ -12,11 +17,7 @@ struct __half {
         const _Float16 h = static_cast<_Float16>(f);
         std::memcpy(&bits, &h, 2);
     }
-    operator float() const {  // NOLINT
-        _Float16 h;
-        std::memcpy(&h, &bits, 2);
-        return static_cast<float>(h);
-    }
+    operator float() const { return ::mha_emu::half_to_float_table[bits]; }  // NOLINT
 };
 struct __half2 {
     __half x, y;

@@ -35,6 +35,7 @@ struct uint4 {
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 inline void __syncthreads() { ::mha_emu::syncthreads(); }
+inline int __syncthreads_or(int pred) { return ::mha_emu::syncthreads_or(pred); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::mha_emu::syncwarp(); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline float __int_as_float(int x) {
