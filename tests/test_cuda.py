@@ -13,7 +13,8 @@ In the host emulation build (MHA_EXT_CUDA_EMULATOR=ON, ``build_info()["cuda_emul
 same tests run the same kernel sources on the CPU with the shared-memory race detector on (a
 race fails the call). There they are CPU-sized: the long sequences are shorter and the
 largest parameter grids are thinned to an evenly spread subset (``emu_subset``); every test
-function still runs. On a GPU every case runs at full size.
+function still runs. MHA_EXT_CUDA_EMU_FULL=1 runs the full-size file in emulation too (long).
+On a GPU every case runs at full size.
 """
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ LOWP = [np.float16] + ([BF16] if BF16 is not None else [])
 ALL_DTYPES = [np.float32, np.float64, *LOWP]
 
 EMULATED = bool(mha_ext.build_info().get("cuda_emulated", False))
+_CPU_SIZED = EMULATED and os.environ.get("MHA_EXT_CUDA_EMU_FULL") != "1"
 
 
 def cpu_sized(full, emulated):
     """full on a GPU, emulated (smaller) in the host emulation."""
-    return emulated if EMULATED else full
+    return emulated if _CPU_SIZED else full
 
 
 def emu_subset(cases, every):
     """All cases on a GPU; every `every`-th of them in the host emulation (every prime to the
     grid's axis lengths spreads the subset over all values of every axis)."""
     cases = list(cases)
-    return cases if not EMULATED else cases[::every]
+    return cases[::every] if _CPU_SIZED else cases
 
 
 def _id(x):
@@ -599,9 +601,10 @@ def test_larger_causal(rng, dtype, D):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, *LOWP], ids=lambda d: np.dtype(d).name)
-def test_nan_inf_in_v_at_hidden_keys(path, rng, dtype):
+@pytest.mark.parametrize("D", [64, 256])
+def test_nan_inf_in_v_at_hidden_keys(path, rng, dtype, D):
     """A NaN/Inf value at a key a row cannot see never reaches that row (both kernels)."""
-    B, H, L, D = 1, 2, 100, 64
+    B, H, L = 1, 2, 100
     q, k, v = (rand(rng, (B, H, L, D), dtype) for _ in range(3))
     j_masked, j_causal = 10, 70
     mask = np.ones((L, L), dtype=bool)
@@ -640,10 +643,11 @@ def test_failed_smem_opt_in_is_not_reported_by_the_next_launch(rng, monkeypatch)
 
 @pytest.mark.skipif(not EMULATED, reason="reads the host emulation's launch log")
 def test_tc_shared_memory_fits_two_blocks_per_sm(rng, monkeypatch, tmp_path):
-    """The Q tile no longer has its own buffer: 36 KB at D = 64, 68 KB at D = 128 (was 87 KB)."""
+    """The Q tile no longer has its own buffer: 36 KB at D = 64, 68 KB at D = 128 (was 87 KB);
+    D = 96 and 256 have tensor-core variants of their own (no padding to 128, no SIMT)."""
     log = tmp_path / "launches.txt"
     monkeypatch.setenv("MHA_EXT_CUDA_EMU_LOG", str(log))
-    for D in (64, 128):
+    for D in (64, 96, 128, 256):
         q, k, v = (rand(rng, (1, 1, 70, D), np.float16) for _ in range(3))
         out = mha_ext.attention(q, k, v, causal=True, device="cuda")
         check_out(out, ref_attention(q, k, v, causal=True)[0], np.float16, q, k, v, causal=True)
@@ -653,6 +657,11 @@ def test_tc_shared_memory_fits_two_blocks_per_sm(rng, monkeypatch, tmp_path):
         fields = dict(f.split("=", 1) for f in head.split())
         if "attention_tc_kernel" in name:
             smem[int(name.split(",")[1])] = int(fields["smem"])
-    assert smem == {64: 4 * 64 * 72 * 2, 128: 4 * 64 * 136 * 2}
+    assert smem == {
+        64: 4 * 64 * 72 * 2,
+        96: 4 * 64 * 104 * 2,
+        128: 4 * 64 * 136 * 2,
+        256: 4 * 32 * 264 * 2,  # 32 keys per tile at D = 256
+    }
     a100_smem_per_sm = 164 * 1024
-    assert 2 * smem[128] <= a100_smem_per_sm
+    assert all(2 * b <= a100_smem_per_sm for b in smem.values())

@@ -2,7 +2,8 @@
 // pick a kernel, launch, copy the outputs back.
 //
 // Paths:
-//   fp16/bf16, dot score, max(D, Dv) <= 128, Lq >= kTcMinSeqQ   attention_tc_kernel
+//   fp16/bf16, dot score, max(D, Dv) <= 256, Lq >= kTcMinSeqQ   attention_tc_kernel (head dims
+//                                         padded to 64, 96, 128 or 256)
 //   everything else (float32, float64, General, Additive, other head dims, short Lq)
 //                                         attention_simt_kernel, split over keys
 //                                         (flash-decoding) when rows are few and Lk long,

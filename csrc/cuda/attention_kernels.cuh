@@ -1,14 +1,16 @@
 // CUDA attention kernels (templated; included by the .cu files under csrc/cuda/ only).
 //
 // Versions:
-//   attention_tc_kernel      fp16/bf16, dot score, head dims padded up to kHeadDim (64, 128):
+//   attention_tc_kernel      fp16/bf16, dot score, head dims padded up to kHeadDim (64, 96,
+//                            128, 256; kBlockN = 32 keys per tile at 256, else 64):
 //                            tiled flash forward on tensor cores (mma.sync m16n8k16, f32
 //                            accumulators). A block of kWarps warps owns kWarps*16 query rows
 //                            of one (batch, head); K/V tiles of kBlockN keys are double
 //                            buffered in shared memory (cp.async when rows are 16-byte
-//                            aligned, plain loads otherwise); Q passes through the second K
-//                            buffer into registers before the key loop, so shared memory is
-//                            4 * kBlockN rows (36 KB at D = 64, 68 KB at D = 128); P is
+//                            aligned, plain loads otherwise); Q passes through the second
+//                            K/V buffer into registers before the key loop, so shared memory
+//                            is 4 * kBlockN rows (36 KB at D = 64, 52 KB at 96, 68 KB at 128
+//                            and 66 KB at 256); P is
 //                            re-packed from the S accumulators into A fragments; V fragments
 //                            come from ldmatrix.trans. Online softmax in base 2 with the scale
 //                            folded in. Masks, bias, causal, window, key_lengths per element
@@ -520,10 +522,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     using Mma = MmaOp<T>;
 
     MHA_DYNAMIC_SMEM(smem_raw);
-    static_assert(kBlockM <= kBlockN, "the Q tile lives in the second K buffer");
-    T* k_s = reinterpret_cast<T*>(smem_raw);  // (2, kBlockN, kPitch)
-    T* v_s = k_s + 2 * kBlockN * kPitch;      // (2, kBlockN, kPitch)
-    T* q_s = k_s + kBlockN * kPitch;          // (kBlockM, kPitch): K buffer 1 until tile 1
+    // Buffer b (b = 0, 1) holds K rows then V rows: K of b at k_s + b * kBuf, V at v_s + b * kBuf.
+    // The Q tile sits in buffer 1 (its K and V rows) until the prefetch of tile 1.
+    static_assert(kBlockM <= 2 * kBlockN, "the Q tile lives in the second K/V buffer");
+    constexpr int kBuf = 2 * kBlockN * kPitch;
+    T* k_s = reinterpret_cast<T*>(smem_raw);
+    T* v_s = k_s + kBlockN * kPitch;
+    T* q_s = k_s + kBuf;  // (kBlockM, kPitch)
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -630,8 +635,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             // Prefetch the next tile into the other buffer (free since the barrier that
             // ended iteration t - 1, or for t = 0 the one after Q went to registers).
             const int64_t n1 = n0 + kBlockN;
-            T* kd = k_s + (buf ^ 1) * kBlockN * kPitch;
-            T* vd = v_s + (buf ^ 1) * kBlockN * kPitch;
+            T* kd = k_s + (buf ^ 1) * kBuf;
+            T* vd = v_s + (buf ^ 1) * kBuf;
             load_tile<T, kPitch>(kd, k + n1 * p.k_stride_seq, p.k_stride_seq, kBlockN,
                                  j_end - n1, dim, args.vec);
             load_tile<T, kPitch>(vd, v + n1 * p.v_stride_seq, p.v_stride_seq, kBlockN,
@@ -651,11 +656,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         } else {
             const int rows_here = static_cast<int>(min(int64_t(kBlockN), j_end - n0));
             v_bad = __syncthreads_or(own_rows_nonfinite<T, kPitch>(
-                        v_s + buf * kBlockN * kPitch, rows_here, dim_v, args.vec)) != 0;
+                        v_s + buf * kBuf, rows_here, dim_v, args.vec)) != 0;
         }
 
         // S = Q K^T for this warp's 16 rows and kBlockN keys.
-        const T* kt = k_s + buf * kBlockN * kPitch;
+        const T* kt = k_s + buf * kBuf;
         float s[kTilesN][4];
 #pragma unroll
         for (int nt = 0; nt < kTilesN; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -732,7 +737,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
 
         // O += P V: P (16 x kBlockN) from the S accumulators, V fragments by ldmatrix.trans.
-        const T* vt = v_s + buf * kBlockN * kPitch;
+        const T* vt = v_s + buf * kBuf;
         if (v_bad) {
             // A NaN/Inf in this V tile: lane by lane, so that keys hidden from a row (P = 0)
             // never reach it. Key j's P is in lane g * 4 + (j % 8) / 2, s[j / 8][j % 2 + 2 r].
@@ -821,16 +826,18 @@ __global__ void __launch_bounds__(kWarps * 32)
 // Launchers of the tensor-core kernel (attention_tc.cu). p holds device pointers.
 
 // Dynamic shared memory of attention_tc_kernel: two K and two V buffers of kBlockN rows (the
-// Q tile passes through the second K buffer).
+// Q tile passes through the second pair).
 template <typename T, int kHeadDim, int kBlockN>
 constexpr size_t tc_smem_bytes() {
     return static_cast<size_t>(4 * kBlockN) * (kHeadDim + 8) * sizeof(T);
 }
 
 // The largest head dimension max(D, Dv) the tensor-core kernel covers.
-constexpr int64_t kTcMaxHeadDim = 128;
+constexpr int64_t kTcMaxHeadDim = 256;
 
 // Launches attention_tc_kernel for p.dtype (fp16/bf16) and max(D, Dv) <= kTcMaxHeadDim.
+// Keys per tile for a head dimension (registers: the O accumulators grow with it).
+constexpr int tc_block_n(int head_dim) { return head_dim > 128 ? 32 : 64; }
 // Throws std::runtime_error on launch failure.
 void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStream_t stream);
 

@@ -48,7 +48,7 @@ void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStrea
     const int64_t d = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
     MHA_HALF_DTYPE_SWITCH(p.dtype, __half, __nv_bfloat16, T, [&] {
         MHA_TC_HEAD_DIM_SWITCH(d, kHeadDim, [&] {
-            launch<T, kHeadDim, /*kWarps=*/4, /*kBlockN=*/64>(p, args, stream);
+            launch<T, kHeadDim, /*kWarps=*/4, tc_block_n(kHeadDim)>(p, args, stream);
         });
     });
 }
