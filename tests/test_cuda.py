@@ -665,3 +665,19 @@ def test_tc_shared_memory_fits_two_blocks_per_sm(rng, monkeypatch, tmp_path):
     }
     a100_smem_per_sm = 164 * 1024
     assert all(2 * b <= a100_smem_per_sm for b in smem.values())
+
+
+@pytest.mark.parametrize("pinned", ["1", "0"])
+def test_calls_reuse_the_cached_arena(rng, monkeypatch, pinned):
+    """The per-thread device arena grows and is reused; results never depend on what an
+    earlier call left in it; MHA_EXT_CUDA_PINNED=0 copies from pageable memory instead."""
+    monkeypatch.setenv("MHA_EXT_CUDA_PINNED", pinned)
+    for Lq, Lk, dtype in [(20, 30, np.float32), (90, 200, np.float16), (17, 40, np.float16),
+                          (5, 7, np.float64), (90, 200, np.float32)]:
+        q = rand(rng, (2, 2, Lq, 32), dtype)
+        k = rand(rng, (2, 2, Lk, 32), dtype)
+        v = rand(rng, (2, 2, Lk, 24), dtype)
+        out, lse = mha_ext.attention(q, k, v, causal=True, device="cuda", return_lse=True)
+        ref_out, _, ref_lse = ref_attention(q, k, v, causal=True)
+        check_out(out, ref_out, dtype, q, k, v, causal=True)
+        np.testing.assert_allclose(lse, ref_lse, rtol=lse_tol(dtype), atol=lse_tol(dtype))

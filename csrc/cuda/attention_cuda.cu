@@ -9,8 +9,13 @@
 //                                         (flash-decoding) when rows are few and Lk long,
 //                                         merged by attention_combine_kernel
 //   weights                               attention_weights_kernel after the forward
+// Memory: each host thread keeps its device arena, a pinned host mirror of it and its timing
+// events between calls (grown when a call needs more, freed at thread exit), so a call does
+// no cudaMalloc/cudaFree/cudaEventCreate once warm. Inputs are gathered into the pinned
+// mirror and go to the device in one copy; outputs come back through it.
 // Environment knobs for tests and benchmarks: MHA_EXT_CUDA_SIMT=1 forces the SIMT path,
-// MHA_EXT_CUDA_SPLITS=n forces n key chunks on the SIMT path.
+// MHA_EXT_CUDA_SPLITS=n forces n key chunks on the SIMT path, MHA_EXT_CUDA_PINNED=0 copies
+// straight from/to the (pageable) NumPy memory instead.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -74,8 +79,36 @@ Span span_of(const int64_t (&sizes)[4], const int64_t (&strides)[4]) {
     return s;
 }
 
-// One device allocation carved into buffers. Staged inputs keep their host address modulo 16,
-// so a host row that is 16-byte aligned is aligned on the device too.
+// Per host thread, kept between calls: the device buffer the arena is carved from, its
+// pinned host mirror, the timing events.
+struct DeviceCache {
+    char* device = nullptr;
+    size_t device_bytes = 0;
+    char* pinned = nullptr;
+    size_t pinned_bytes = 0;
+    cudaEvent_t ev[4] = {nullptr, nullptr, nullptr, nullptr};
+    DeviceCache() = default;
+    DeviceCache(const DeviceCache&) = delete;
+    DeviceCache& operator=(const DeviceCache&) = delete;
+    ~DeviceCache() {  // errors ignored: the runtime may already be shutting down
+        if (device != nullptr) cudaFree(device);
+        if (pinned != nullptr) cudaFreeHost(pinned);
+        for (auto& e : ev) {
+            if (e != nullptr) cudaEventDestroy(e);
+        }
+    }
+};
+thread_local DeviceCache g_cache;
+
+size_t grown(size_t need, size_t have) {
+    size_t n = have + have / 2;  // grow by half at least: fewer reallocations
+    if (n < need) n = need;
+    return (n + (size_t{1} << 20) - 1) / (size_t{1} << 20) * (size_t{1} << 20);
+}
+
+// One device allocation carved into buffers (the thread's cached one). Staged inputs keep
+// their host address modulo 16, so a host row that is 16-byte aligned is aligned on the
+// device too.
 class Arena {
    public:
     // Reserves bytes; returns the offset. misalign < 16 is added to a 256-aligned start.
@@ -84,26 +117,54 @@ class Arena {
         total_ = off + bytes;
         return off;
     }
-    void allocate() {
+    void allocate(bool pinned) {
         if (total_ == 0) return;
-        const cudaError_t err = cudaMalloc(&base_, total_);
-        if (err != cudaSuccess) {
-            cudaGetLastError();
-            throw std::runtime_error("device='cuda': out of device memory (needed " +
-                                     std::to_string(total_) + " bytes): " +
-                                     cudaGetErrorString(err));
+        DeviceCache& c = g_cache;
+        if (c.device_bytes < total_) {
+            if (c.device != nullptr) cudaFree(c.device);
+            c.device = nullptr;
+            c.device_bytes = 0;
+            size_t n = grown(total_, 0);
+            cudaError_t err = cudaMalloc(&c.device, n);
+            if (err != cudaSuccess) {  // the rounded size may not fit where the exact one does
+                cudaGetLastError();
+                n = total_;
+                err = cudaMalloc(&c.device, n);
+            }
+            if (err != cudaSuccess) {
+                cudaGetLastError();
+                c.device = nullptr;
+                throw std::runtime_error("device='cuda': out of device memory (needed " +
+                                         std::to_string(total_) + " bytes): " +
+                                         cudaGetErrorString(err));
+            }
+            c.device_bytes = n;
         }
+        base_ = c.device;
+        if (pinned && c.pinned_bytes < total_) {
+            if (c.pinned != nullptr) cudaFreeHost(c.pinned);
+            c.pinned = nullptr;
+            c.pinned_bytes = 0;
+            const size_t n = grown(total_, 0);
+            if (cudaMallocHost(reinterpret_cast<void**>(&c.pinned), n) == cudaSuccess) {
+                c.pinned_bytes = n;
+            } else {
+                cudaGetLastError();  // no pinned memory: the pageable path
+                c.pinned = nullptr;
+            }
+        }
+        mirror_ = pinned && c.pinned_bytes >= total_ ? c.pinned : nullptr;
     }
     char* at(size_t off) const { return base_ + off; }
-    ~Arena() {
-        if (base_ != nullptr) cudaFree(base_);
-    }
+    // The pinned host mirror of byte off (nullptr: copy from/to pageable memory directly).
+    char* mirror(size_t off) const { return mirror_ == nullptr ? nullptr : mirror_ + off; }
     Arena() = default;
     Arena(const Arena&) = delete;
     Arena& operator=(const Arena&) = delete;
 
    private:
     char* base_ = nullptr;
+    char* mirror_ = nullptr;
     size_t total_ = 0;
 };
 
@@ -134,9 +195,48 @@ P device_base(const Arena& arena, const Staged& s, size_t elem) {
     return reinterpret_cast<P>(arena.at(s.off) - s.lo * static_cast<int64_t>(elem));
 }
 
-void upload(const Arena& arena, const Staged& s) {
-    if (s.used) check(cudaMemcpy(arena.at(s.off), s.host, s.bytes, cudaMemcpyHostToDevice),
-                      "copying an input to the device");
+// Inputs: gathered into the pinned mirror and sent in one copy of [lo, hi) by flush(), or
+// (no mirror) one cudaMemcpy each from the pageable host memory. The range may also cover
+// the output's bytes; the kernels overwrite those.
+struct Uploads {
+    size_t lo = SIZE_MAX, hi = 0;
+    void add(const Arena& arena, const Staged& s) {
+        if (!s.used) return;
+        if (char* m = arena.mirror(s.off)) {
+            std::memcpy(m, s.host, s.bytes);
+            if (s.off < lo) lo = s.off;
+            if (s.off + s.bytes > hi) hi = s.off + s.bytes;
+        } else {
+            check(cudaMemcpy(arena.at(s.off), s.host, s.bytes, cudaMemcpyHostToDevice),
+                  "copying an input to the device");
+        }
+    }
+    void flush(const Arena& arena, cudaStream_t stream) const {
+        if (hi > lo) {
+            check(cudaMemcpyAsync(arena.at(lo), arena.mirror(lo), hi - lo,
+                                  cudaMemcpyHostToDevice, stream),
+                  "copying the inputs to the device");
+        }
+    }
+};
+
+// bytes at arena offset off back to host memory (through the pinned mirror when there is one).
+// The first of these after the kernels also surfaces their faults.
+void download(const Arena& arena, size_t off, void* host, size_t bytes, cudaStream_t stream,
+              const char* what) {
+    if (bytes == 0) return;
+    if (char* m = arena.mirror(off)) {
+        check(cudaMemcpyAsync(m, arena.at(off), bytes, cudaMemcpyDeviceToHost, stream), what);
+        check(cudaStreamSynchronize(stream), what);
+        std::memcpy(host, m, bytes);
+    } else {
+        check(cudaMemcpy(host, arena.at(off), bytes, cudaMemcpyDeviceToHost), what);
+    }
+}
+
+bool env_is_zero(const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 bool env_flag(const char* name) {
@@ -154,18 +254,14 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The thread's four timing events (created on first use, kept).
 struct Events {
-    cudaEvent_t e[4] = {nullptr, nullptr, nullptr, nullptr};
-    Events() {
-        for (auto& x : e) check(cudaEventCreate(&x), "cudaEventCreate");
-    }
-    ~Events() {
-        for (auto& x : e) {
-            if (x != nullptr) cudaEventDestroy(x);
+    cudaEvent_t* e;
+    Events() : e(g_cache.ev) {
+        for (int i = 0; i < 4; ++i) {
+            if (e[i] == nullptr) check(cudaEventCreate(&e[i]), "cudaEventCreate");
         }
     }
-    Events(const Events&) = delete;
-    Events& operator=(const Events&) = delete;
 };
 
 // The SIMT / weights kernels of one (storage type, accumulation type).
@@ -311,20 +407,17 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
 
     // Outputs back to the host (a synchronous copy also surfaces kernel faults).
     if (out_st.used) {
-        check(cudaMemcpy(const_cast<char*>(out_st.host), arena.at(out_st.off), out_st.bytes,
-                         cudaMemcpyDeviceToHost),
-              "running the attention kernels / copying the output back");
+        download(arena, out_st.off, const_cast<char*>(out_st.host), out_st.bytes, stream,
+                 "running the attention kernels / copying the output back");
     }
     if (hp.lse != nullptr) {
-        check(cudaMemcpy(hp.lse, lse, static_cast<size_t>(rows) * sizeof(A),
-                         cudaMemcpyDeviceToHost),
-              "copying lse back");
+        download(arena, off_lse, hp.lse, static_cast<size_t>(rows) * sizeof(A), stream,
+                 "copying lse back");
     }
     if (hp.weights != nullptr) {
-        check(cudaMemcpy(hp.weights, arena.at(off_weights),
-                         static_cast<size_t>(rows * hp.seqlen_k) * sizeof(A),
-                         cudaMemcpyDeviceToHost),
-              "copying the weights back");
+        download(arena, off_weights, hp.weights,
+                 static_cast<size_t>(rows * hp.seqlen_k) * sizeof(A), stream,
+                 "copying the weights back");
     }
     check(cudaEventRecord(ev.e[3], stream), "cudaEventRecord");
     check(cudaEventSynchronize(ev.e[3]), "running the attention kernels");
@@ -465,7 +558,7 @@ void attention_forward_cuda(const AttentionParams& hp) {
             ? arena.reserve(static_cast<size_t>(wgrid_x * kSimtWarps * dqk) * as)
             : 0;
 
-    arena.allocate();
+    arena.allocate(!env_is_zero("MHA_EXT_CUDA_PINNED"));
 
     // --- Device view of the parameters ----------------------------------------------------
     AttentionParams d = hp;
@@ -499,17 +592,12 @@ void attention_forward_cuda(const AttentionParams& hp) {
     // --- Run ------------------------------------------------------------------------------
     Events ev;
     check(cudaEventRecord(ev.e[0], 0), "cudaEventRecord");
-    upload(arena, q_st);
-    upload(arena, k_st);
-    upload(arena, v_st);
-    upload(arena, m_st);
-    upload(arena, b_st);
-    upload(arena, kl_st);
-    upload(arena, wq_st);
-    upload(arena, wk_st);
-    upload(arena, w_st);
+    Uploads up;
+    const Staged* inputs[] = {&q_st, &k_st, &v_st, &m_st, &b_st, &kl_st, &wq_st, &wk_st, &w_st};
+    for (const Staged* st : inputs) up.add(arena, *st);
     // An output with gaps between its rows: keep the host bytes of the gaps.
-    if (o_st.used && o_span.count != B * Hq * Lq * Dv) upload(arena, o_st);
+    if (o_st.used && o_span.count != B * Hq * Lq * Dv) up.add(arena, o_st);
+    up.flush(arena, 0);
 
     LaunchPlan plan;
     plan.out = o_st;
