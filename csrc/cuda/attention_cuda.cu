@@ -4,6 +4,10 @@
 // Paths:
 //   fp16/bf16, dot score, max(D, Dv) <= 256, Lq >= kTcMinSeqQ   attention_tc_kernel (head dims
 //                                         padded to 64, 96, 128 or 256)
+//   dot score, (Hq / Hk) * Lq <= 16 query rows per KV head, Lk >= 64
+//                                         attention_decode_kernel (flash-decoding: a block per
+//                                         (key split, KV head, batch)), merged by
+//                                         attention_combine_kernel; MHA_EXT_CUDA_DECODE=0 off
 //   everything else (float32, float64, General, Additive, other head dims, short Lq)
 //                                         attention_simt_kernel, split over keys
 //                                         (flash-decoding) when rows are few and Lk long,
@@ -37,6 +41,7 @@ using cuda::kSimtWarps;
 constexpr int64_t kTcMinSeqQ = 16;           // shorter query blocks go to the split SIMT path
 constexpr size_t kSmemDefaultLimit = 48 * 1024;  // dynamic shared memory without opt-in
 constexpr int64_t kMaxSplits = 64;
+constexpr size_t kDecodeSmemOptin = 96 * 1024;  // the decode kernel's opt-in ceiling
 
 thread_local double g_last_kernel_ms = 0.0;
 thread_local double g_last_copy_ms = 0.0;
@@ -277,6 +282,25 @@ void run_simt(const AttentionParams& p, const cuda::SimtArgs<A>& args, int64_t n
 }
 
 template <typename T, typename A>
+void run_decode(const AttentionParams& p, const cuda::DecodeArgs<A>& args, int64_t num_splits,
+                size_t smem, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(p.num_heads_k),
+                    static_cast<unsigned>(p.batch));
+    if (smem > kSmemDefaultLimit) {
+        const cudaError_t err = cudaFuncSetAttribute(cuda::attention_decode_kernel<T, A>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem));
+        if (err != cudaSuccess) {
+            cudaGetLastError();  // not left for the next launch to report
+            fail("raising the decode kernel's shared memory", err);
+        }
+    }
+    MHA_LAUNCH(grid, cuda::kDecodeThreads, smem, stream, cuda::attention_decode_kernel<T, A>)(
+        p, args);
+    check_launch("the decode attention kernel");
+}
+
+template <typename T, typename A>
 void run_combine(const AttentionParams& p, const A* part_out, const A* part_lse,
                  int64_t num_splits, A* lse, int64_t grid_x, cudaStream_t stream) {
     MHA_LAUNCH(static_cast<unsigned>(grid_x), kSimtWarps * 32, 0, stream,
@@ -317,6 +341,11 @@ struct LaunchPlan {
     size_t off_part = 0;                   // split-KV partials
     size_t off_scratch = 0, off_wscratch = 0;  // per-warp scratch when shared memory is short
     bool use_tc = false;   // the tensor-core kernel (fp16/bf16, dot score)
+    bool use_decode = false;  // the flash-decoding kernel
+    int dec_tile = 0, dec_pitch = 0, dec_rows = 0;
+    bool dec_vec = false;
+    int64_t dec_splits = 1, dec_split = 1;
+    size_t dec_smem = 0, off_dpart = 0;
     bool tc_vec = false;   // its rows are 16-byte aligned: cp.async
     bool k_vec = false;    // the SIMT kernels read keys as 16-byte vectors
     int64_t num_splits = 1, split_size = 1;  // split-KV geometry (SIMT path)
@@ -384,6 +413,20 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
             targs.vec = tc_vec;
             cuda::launch_attention_tc(d, targs, stream);
         }
+    } else if (plan.use_decode) {
+        cuda::DecodeArgs<A> da;
+        da.tile_n = plan.dec_tile;
+        da.pitch = plan.dec_pitch;
+        da.rows = plan.dec_rows;
+        da.split_size = plan.dec_split;
+        da.vec = plan.dec_vec;
+        da.part_out = reinterpret_cast<A*>(arena.at(plan.off_dpart));
+        da.part_lse = da.part_out + plan.dec_splits * rows * hp.head_dim_v;
+        run_decode<T, A>(d, da, plan.dec_splits, plan.dec_smem, stream);
+        run_combine<T, A>(d, da.part_out, da.part_lse, plan.dec_splits, lse,
+                          ceil_div(rows, kSimtWarps) < 65536 * 16 ? ceil_div(rows, kSimtWarps)
+                                                                  : 65536 * 16,
+                          stream);
     } else {
         args.scratch = simt_smem == 0 ? reinterpret_cast<A*>(arena.at(off_scratch)) : nullptr;
         if (num_splits > 1) {
@@ -516,11 +559,49 @@ void attention_forward_cuda(const AttentionParams& hp) {
                         (D > Dv ? D : Dv) <= cuda::kTcMaxHeadDim && Lq >= kTcMinSeqQ &&
                         !force_simt;
 
+    // Flash-decoding: few query rows per KV head (the GQA group times Lq), long keys.
+    const int64_t dec_rows = Hk > 0 ? (Hq / Hk) * Lq : 0;
+    int dec_tile = 0;
+    const int dec_pitch = static_cast<int>(ceil_div(D > Dv ? D : Dv, 8) * 8);
+    size_t dec_smem = 0;
+    if (!use_tc && !force_simt && !env_is_zero("MHA_EXT_CUDA_DECODE") &&
+        hp.score == Score::kDot && Lk >= 64 && dec_rows >= 1 &&
+        dec_rows <= cuda::kDecodeMaxRows && Hk <= 65535 && B <= 65535) {
+        // The largest tile within the default 48 KB, else within 96 KB (opt-in; A100/H100).
+        for (size_t limit : {kSmemDefaultLimit, kDecodeSmemOptin}) {
+            for (int tn : {64, 32, 16, 8}) {
+                const size_t bytes = cuda::decode_smem_bytes(static_cast<int>(dec_rows), D, Dv,
+                                                             tn, dec_pitch, es, as);
+                if (dec_tile == 0 && bytes <= limit) {
+                    dec_tile = tn;
+                    dec_smem = bytes;
+                }
+            }
+        }
+    }
+    const bool use_decode = dec_tile > 0;
+    int64_t dec_splits = 1, dec_split = Lk;
+    if (use_decode) {
+        int64_t want = env_int("MHA_EXT_CUDA_SPLITS", 0);
+        if (want == 0) {  // about two blocks per SM, at least two tiles per split
+            want = ceil_div(static_cast<int64_t>(num_sms) * 2, B * Hk);
+            const int64_t by_len = ceil_div(Lk, static_cast<int64_t>(dec_tile) * 2);
+            if (want > by_len) want = by_len;
+        }
+        if (want > kMaxSplits) want = kMaxSplits;
+        if (want < 1) want = 1;
+        dec_split = ceil_div(ceil_div(Lk, want), dec_tile) * dec_tile;
+        dec_splits = ceil_div(Lk, dec_split);
+    }
+    const size_t off_dpart =
+        use_decode ? arena.reserve(static_cast<size_t>(dec_splits * rows * (Dv + 1)) * as) : 0;
+
     // SIMT geometry: per-warp scratch of dqk + Dv accumulators in shared memory when it fits.
     const size_t simt_bytes = static_cast<size_t>(kSimtWarps) * (dqk + Dv) * as;
     const bool simt_in_smem = simt_bytes <= kSmemDefaultLimit;
+    const bool use_simt = !use_tc && !use_decode;
     int64_t num_splits = 1;
-    if (!use_tc && simt_in_smem) {
+    if (use_simt && simt_in_smem) {
         const int64_t target_warps = static_cast<int64_t>(num_sms) * 32;
         int64_t want = env_int("MHA_EXT_CUDA_SPLITS", 0);
         if (want == 0 && Lk >= 512 && rows < target_warps) {
@@ -540,11 +621,11 @@ void attention_forward_cuda(const AttentionParams& hp) {
     const int64_t grid_cap = simt_in_smem ? (int64_t{1} << 30) : 128;
     if (grid_x > grid_cap) grid_x = grid_cap;
     const size_t off_part =
-        (!use_tc && num_splits > 1)
+        (use_simt && num_splits > 1)
             ? arena.reserve(static_cast<size_t>(num_splits * rows * (Dv + 1)) * as)
             : 0;
     const size_t off_scratch =
-        (!use_tc && !simt_in_smem)
+        (use_simt && !simt_in_smem)
             ? arena.reserve(static_cast<size_t>(grid_x * kSimtWarps * (dqk + Dv)) * as)
             : 0;
     // Weights kernel: per-warp query vector.
@@ -585,6 +666,11 @@ void attention_forward_cuda(const AttentionParams& hp) {
                         strides_ok(hp.q_stride_batch, hp.q_stride_head, hp.q_stride_seq) &&
                         strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq) &&
                         strides_ok(hp.v_stride_batch, hp.v_stride_head, hp.v_stride_seq);
+    const int64_t per16 = 16 / static_cast<int64_t>(es);
+    const bool dec_vec = use_decode && D % per16 == 0 && Dv % per16 == 0 && aligned16(d.k) &&
+                         aligned16(d.v) &&
+                         strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq) &&
+                         strides_ok(hp.v_stride_batch, hp.v_stride_head, hp.v_stride_seq);
     const bool k_vec = hp.score != Score::kAdditive && d.k != nullptr && aligned16(d.k) &&
                        (Dk * static_cast<int64_t>(es)) % 16 == 0 &&
                        strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq);
@@ -605,6 +691,10 @@ void attention_forward_cuda(const AttentionParams& hp) {
     plan.off_lse = off_lse, plan.off_weights = off_weights;
     plan.off_part = off_part, plan.off_scratch = off_scratch, plan.off_wscratch = off_wscratch;
     plan.use_tc = use_tc, plan.tc_vec = tc_vec, plan.k_vec = k_vec;
+    plan.use_decode = use_decode, plan.dec_tile = dec_tile, plan.dec_pitch = dec_pitch;
+    plan.dec_rows = static_cast<int>(dec_rows), plan.dec_vec = dec_vec;
+    plan.dec_splits = dec_splits, plan.dec_split = dec_split;
+    plan.dec_smem = dec_smem, plan.off_dpart = off_dpart;
     plan.num_splits = num_splits, plan.split_size = split_size;
     plan.grid_x = grid_x, plan.wgrid_x = wgrid_x;
     plan.simt_smem = simt_in_smem ? simt_bytes : 0;

@@ -22,6 +22,9 @@
 //                            output dimension per lane for P.V. Any D, Dk, Dv. Optional split
 //                            of the keys into gridDim.y chunks (flash-decoding); the chunks
 //                            write partial (out, lse) that attention_combine_kernel merges.
+//   attention_decode_kernel  flash-decoding for few query rows (Lq * Hq / Hk <= 16), dot score,
+//                            every dtype: one block per (key split, KV head, batch) with all
+//                            the query heads of the GQA group, K/V tiles staged by cp.async.
 //   attention_combine_kernel merges split-KV partials by their lse.
 //   attention_weights_kernel weights = exp(s - lse) for visible keys, 0 elsewhere, computed
 //                            again from q and k (no Lq x Lk buffer exists otherwise).
@@ -331,6 +334,224 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
         if (lse_out != nullptr && lane == 0) {
             lse_out[row] = poison ? nan : (empty ? ninf : mx + log_a(total));
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_decode_kernel (flash-decoding): few query rows, long keys, dot score. One block
+// per (key split, KV head, batch) holds every query row that reads that KV head -- the
+// group's Hq / Hk heads times Lq rows, at most kDecodeMaxRows -- so K/V are read once per
+// group, not once per query head. The split's keys go through shared memory in tiles of
+// a.tile_n keys, double buffered (cp.async when rows are 16-byte aligned). Per tile: scores
+// (thread per (row, key) pair), online softmax (warp per row), P V (thread per value dim).
+// Each split writes its partial (out, lse) for attention_combine_kernel to merge by lse.
+// Hidden keys (causal, window, key_lengths, mask) are never read into a row: their V may be
+// NaN. Dynamic shared memory: decode_smem_bytes(); tile pitch in elements: a.pitch.
+
+constexpr int kDecodeMaxRows = 16;
+constexpr int kDecodeThreads = 128;
+
+template <typename A>
+struct DecodeArgs {
+    int tile_n = 0;           // keys per tile
+    int pitch = 0;            // K/V row pitch in shared memory (elements, multiple of 8)
+    int rows = 0;             // query rows per block: (Hq / Hk) * Lq
+    int64_t split_size = 0;   // keys per split (a multiple of tile_n)
+    bool vec = false;         // K/V rows 16-byte aligned: cp.async
+    A* part_out = nullptr;    // (splits, batch * Hq * Lq, Dv)
+    A* part_lse = nullptr;    // (splits, batch * Hq * Lq)
+};
+
+// Bytes of dynamic shared memory the decode kernel needs (A = accumulation, T = storage).
+inline size_t decode_smem_bytes(int rows, int64_t d, int64_t dv, int tile_n, int pitch,
+                                size_t t_bytes, size_t a_bytes) {
+    const size_t kv = 2 * 2 * static_cast<size_t>(tile_n) * pitch * t_bytes;  // 2 bufs x (K, V)
+    const size_t per_row = (static_cast<size_t>(d) + dv + tile_n + 3) * a_bytes + tile_n;
+    return (kv + rows * per_row + 15) / 16 * 16;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int n_rows,
+                                          int64_t n_valid, int dim, int pitch, bool vec) {
+    if (vec) {  // dim % (16 / sizeof(T)) == 0, 16-byte aligned rows
+        constexpr int kE = 16 / static_cast<int>(sizeof(T));
+        const int chunks = dim / kE;
+        for (int idx = threadIdx.x; idx < n_rows * chunks; idx += blockDim.x) {
+            const int r = idx / chunks;
+            const int c = idx - r * chunks;
+            const bool ok = r < n_valid;
+            cp_async_16(dst + r * pitch + c * kE, ok ? src + r * stride + c * kE : src,
+                        ok ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < n_rows * dim; idx += blockDim.x) {
+            const int r = idx / dim;
+            const int c = idx - r * dim;
+            dst[r * pitch + c] = r < n_valid ? src[r * stride + c] : T(0.0f);
+        }
+    }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_kernel(const AttentionParams p, const DecodeArgs<A> a) {
+    MHA_DYNAMIC_SMEM(smem_raw);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int n_warps = blockDim.x >> 5;
+    const int split = blockIdx.x;
+    const int64_t hk = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int R = a.rows;
+    const int TN = a.tile_n;
+    const int P = a.pitch;
+    const int64_t D = p.head_dim, Dv = p.head_dim_v, Lq = p.seqlen_q;
+    const int64_t group = p.num_heads_q / p.num_heads_k;
+
+    T* kv = reinterpret_cast<T*>(smem_raw);  // buffer x: K at kv + x * 2 TN P, V after it
+    A* qs = reinterpret_cast<A*>(kv + 4 * TN * P);  // (R, D) scaled queries
+    A* acc = qs + R * D;                             // (R, Dv) unnormalised outputs
+    A* sp = acc + R * Dv;                            // (R, TN) scores, then P
+    A* m_run = sp + R * TN;                          // (R)
+    A* l_run = m_run + R;                            // (R)
+    A* alpha = l_run + R;                            // (R)
+    uint8_t* vis = reinterpret_cast<uint8_t*>(alpha + R);  // (R, TN)
+
+    const A ninf = neg_inf<A>();
+    const int64_t lk = valid_keys(p, b);
+    const int64_t j_lo = split * a.split_size;
+    const int64_t j_hi = min(lk, j_lo + a.split_size);  // exclusive
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride_batch + hk * p.k_stride_head;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride_batch + hk * p.v_stride_head;
+
+    // Rows: r -> head h = hk * group + r / Lq, query i = r % Lq.
+    for (int idx = tid; idx < R * D; idx += blockDim.x) {
+        const int r = static_cast<int>(idx / D);
+        const int64_t d = idx - r * D;
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
+                     i * p.q_stride_seq;
+        qs[idx] = static_cast<A>(to_accum(q[d])) * static_cast<A>(p.scale);
+    }
+    for (int idx = tid; idx < R * Dv; idx += blockDim.x) acc[idx] = 0;
+    for (int r = tid; r < R; r += blockDim.x) {
+        m_run[r] = ninf;
+        l_run[r] = 0;
+    }
+    const int64_t n_tiles = j_hi > j_lo ? (j_hi - j_lo + TN - 1) / TN : 0;
+    if (n_tiles > 0) {
+        load_rows<T>(kv, k + j_lo * p.k_stride_seq, p.k_stride_seq, TN, j_hi - j_lo,
+                     static_cast<int>(D), P, a.vec);
+        load_rows<T>(kv + TN * P, v + j_lo * p.v_stride_seq, p.v_stride_seq, TN, j_hi - j_lo,
+                     static_cast<int>(Dv), P, a.vec);
+        cp_async_commit();
+    }
+    __syncthreads();
+
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t n0 = j_lo + t * TN;
+        const int buf = static_cast<int>(t & 1);
+        if (t + 1 < n_tiles) {  // prefetch into the other buffer (free since the last barrier)
+            const int64_t n1 = n0 + TN;
+            T* kd = kv + (buf ^ 1) * 2 * TN * P;
+            load_rows<T>(kd, k + n1 * p.k_stride_seq, p.k_stride_seq, TN, j_hi - n1,
+                         static_cast<int>(D), P, a.vec);
+            load_rows<T>(kd + TN * P, v + n1 * p.v_stride_seq, p.v_stride_seq, TN, j_hi - n1,
+                         static_cast<int>(Dv), P, a.vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* kt = kv + buf * 2 * TN * P;
+        const T* vt = kt + TN * P;
+
+        // Scores of (row, key) pairs; hidden pairs are -inf and marked.
+        for (int idx = tid; idx < R * TN; idx += blockDim.x) {
+            const int r = idx / TN;
+            const int jj = idx - r * TN;
+            const int64_t j = n0 + jj;
+            const int64_t h = hk * group + r / Lq, i = r % Lq;
+            const KeyRange rr = visible_keys(p, i, lk);
+            bool see = j < j_hi && j >= rr.lo && j <= rr.hi;
+            if (see && p.mask != nullptr) {
+                see = p.mask[b * p.mask_stride_batch + h * p.mask_stride_head +
+                             i * p.mask_stride_q + j * p.mask_stride_k] != 0;
+            }
+            A x = ninf;
+            if (see) {
+                const A* qr = qs + r * D;
+                const T* kr = kt + jj * P;
+                A dot = 0;
+                for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<A>(to_accum(kr[d]));
+                if (p.bias != nullptr) {
+                    dot += static_cast<const A*>(p.bias)[b * p.bias_stride_batch +
+                                                         h * p.bias_stride_head +
+                                                         i * p.bias_stride_q + j * p.bias_stride_k];
+                }
+                x = dot;
+            }
+            sp[idx] = x;
+            vis[idx] = see ? 1 : 0;
+        }
+        __syncthreads();
+
+        // Online softmax, one warp per row.
+        for (int r = warp; r < R; r += n_warps) {
+            A mx = ninf;
+            for (int jj = lane; jj < TN; jj += 32) mx = fmax(mx, sp[r * TN + jj]);
+            mx = warp_max(mx);
+            const A m_new = fmax(m_run[r], mx);
+            const A m_use = m_new == ninf ? A(0) : m_new;  // NaN scores stay NaN
+            A sum = 0;
+            for (int jj = lane; jj < TN; jj += 32) {
+                const A e = vis[r * TN + jj] ? exp_a(sp[r * TN + jj] - m_use) : A(0);
+                sp[r * TN + jj] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            __syncwarp();  // every lane has read m_run[r] before lane 0 rewrites it
+            if (lane == 0) {
+                const A al = exp_a(m_run[r] - m_use);
+                alpha[r] = al;
+                l_run[r] = l_run[r] * al + sum;
+                m_run[r] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // O = alpha O + P V over the visible keys, one thread per (row, value dim).
+        for (int idx = tid; idx < R * Dv; idx += blockDim.x) {
+            const int r = static_cast<int>(idx / Dv);
+            const int64_t d = idx - r * Dv;
+            A o = acc[idx] * alpha[r];
+            for (int jj = 0; jj < TN; ++jj) {
+                if (vis[r * TN + jj]) o += sp[r * TN + jj] * static_cast<A>(to_accum(vt[jj * P + d]));
+            }
+            acc[idx] = o;
+        }
+        __syncthreads();  // the buffers and sp/vis are rewritten by the next tile
+    }
+
+    // Partials: out = acc / l (0 for an empty split, lse -inf).
+    const int64_t rows_total = p.batch * p.num_heads_q * Lq;
+    for (int idx = tid; idx < R * Dv; idx += blockDim.x) {
+        const int r = static_cast<int>(idx / Dv);
+        const int64_t d = idx - r * Dv;
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const int64_t row = (b * p.num_heads_q + h) * Lq + i;
+        const A l = l_run[r];
+        a.part_out[(static_cast<int64_t>(split) * rows_total + row) * Dv + d] =
+            l == A(0) ? A(0) : acc[idx] / l;
+    }
+    for (int r = tid; r < R; r += blockDim.x) {
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const int64_t row = (b * p.num_heads_q + h) * Lq + i;
+        const A l = l_run[r];
+        a.part_lse[static_cast<int64_t>(split) * rows_total + row] =
+            l == A(0) ? ninf : m_run[r] + log_a(l);
     }
 }
 
