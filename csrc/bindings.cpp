@@ -1455,6 +1455,7 @@ PYBIND11_MODULE(_core, m) {
         d["openmp"] = info.openmp;
         d["max_threads"] = info.max_threads;
         d["cuda_built"] = info.cuda_built;
+        d["cuda_emulated"] = info.cuda_emulated;
         py::list archs;
         std::string a = info.cuda_archs;
         size_t pos = 0;

@@ -173,6 +173,9 @@ BuildInfo build_info() {
     info.cuda_built = true;
     info.cuda_archs = MHA_CUDA_ARCHS;
 #endif
+#ifdef MHA_CUDA_EMULATED
+    info.cuda_emulated = true;
+#endif
 #if defined(__clang__)
     info.compiler = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)

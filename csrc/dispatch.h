@@ -46,6 +46,7 @@ struct BuildInfo {
     int max_threads = 1;        // OpenMP default thread count
     bool cuda_built = false;    // CUDA backend compiled in
     std::string cuda_archs;     // compiled CUDA architectures, ";"-separated
+    bool cuda_emulated = false;  // the CUDA kernels run on the host emulator (csrc/cuda/emu)
     std::string compiler;       // C++ compiler id and version
 };
 BuildInfo build_info();

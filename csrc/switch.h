@@ -67,14 +67,20 @@
     }()
 
 // The head dims the tensor-core CUDA kernel is instantiated for: max(D, Dv) is padded up to
-// the next entry (kTcMaxHeadDim = 128 is the last).
+// the next entry (kTcMaxHeadDim = 256 is the last).
 #define MHA_TC_HEAD_DIM_SWITCH(d, kHeadDim, ...) \
     [&] {                                        \
         if ((d) <= 64) {                         \
             constexpr int kHeadDim = 64;         \
             return __VA_ARGS__();                \
-        } else {                                 \
+        } else if ((d) <= 96) {                  \
+            constexpr int kHeadDim = 96;         \
+            return __VA_ARGS__();                \
+        } else if ((d) <= 128) {                 \
             constexpr int kHeadDim = 128;        \
+            return __VA_ARGS__();                \
+        } else {                                 \
+            constexpr int kHeadDim = 256;        \
             return __VA_ARGS__();                \
         }                                        \
     }()

@@ -102,6 +102,7 @@ def build() -> None:
             "-v",
             ".",
             "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90",
+            "-Ccmake.define.MHA_EXT_CUDA_EMULATOR=OFF",  # the real kernels, not the emulator
             "-Cbuild-dir=build/gpu_check",
         ],
         cwd=ROOT,
@@ -127,6 +128,9 @@ def import_mha():
     log(f"build_info: {info}")
     if not info.get("cuda_available"):
         sys.exit("gpu_check: mha_ext.cuda_available() is False on this machine")
+    if info.get("cuda_emulated"):
+        sys.exit("gpu_check: this mha_ext is the host-emulation build (cuda_emulated); "
+                 "rebuild without MHA_EXT_CUDA_EMULATOR")
     return info
 
 

@@ -8,9 +8,19 @@ both measured against the float64 reference.
 
 Two environment knobs of the backend are exercised: MHA_EXT_CUDA_SIMT=1 sends fp16/bf16 to
 the generic (non-tensor-core) kernel, MHA_EXT_CUDA_SPLITS=n forces n key chunks (split-KV).
+
+In the host emulation build (MHA_EXT_CUDA_EMULATOR=ON, ``build_info()["cuda_emulated"]``) the
+same tests run the same kernel sources on the CPU with the shared-memory race detector on (a
+race fails the call). There they are CPU-sized: the long sequences are shorter and the
+largest parameter grids are thinned to an evenly spread subset (``emu_subset``); every test
+function still runs. MHA_EXT_CUDA_EMU_FULL=1 runs the full-size file in emulation too (long).
+On a GPU every case runs at full size.
 """
 
 from __future__ import annotations
+
+import itertools
+import os
 
 import mha_ext
 import numpy as np
@@ -30,6 +40,27 @@ except ImportError:  # pragma: no cover - optional dependency
 
 LOWP = [np.float16] + ([BF16] if BF16 is not None else [])
 ALL_DTYPES = [np.float32, np.float64, *LOWP]
+
+EMULATED = bool(mha_ext.build_info().get("cuda_emulated", False))
+_CPU_SIZED = EMULATED and os.environ.get("MHA_EXT_CUDA_EMU_FULL") != "1"
+
+
+def cpu_sized(full, emulated):
+    """full on a GPU, emulated (smaller) in the host emulation."""
+    return emulated if _CPU_SIZED else full
+
+
+def emu_subset(cases, every):
+    """All cases on a GPU; every `every`-th of them in the host emulation (every prime to the
+    grid's axis lengths spreads the subset over all values of every axis)."""
+    cases = list(cases)
+    return cases[::every] if _CPU_SIZED else cases
+
+
+def _id(x):
+    if isinstance(x, type):
+        return np.dtype(x).name
+    return str(x)
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,7 +224,7 @@ def test_build_info_reports_cuda():
 @pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256, 40, 130])
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dims_and_dtypes(rng, dtype, D, causal):
-    B, H, Lq, Lk = 2, 3, 97, 113
+    B, H, Lq, Lk = cpu_sized((2, 3, 97, 113), (1, 2, 70, 81))
     q, k, v = (
         rand(rng, (B, H, Lq, D), dtype),
         rand(rng, (B, H, Lk, D), dtype),
@@ -207,7 +238,9 @@ def test_head_dims_and_dtypes(rng, dtype, D, causal):
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
-    ("Lq", "Lk"), [(1, 7), (7, 1), (16, 16), (97, 33), (1025, 1025), (64, 1000)]
+    ("Lq", "Lk"),
+    [(1, 7), (7, 1), (16, 16), (97, 33)]
+    + cpu_sized([(1025, 1025), (64, 1000)], [(200, 200), (64, 400)]),
 )
 @pytest.mark.parametrize("causal", [False, True, "top_left"])
 def test_lowp_lengths_both_kernels(rng, path, dtype, Lq, Lk, causal):
@@ -254,11 +287,18 @@ def test_cpu_cuda_cross_check(rng, dtype):
 # Masks, bias, key_lengths, causal alignments, window, GQA, Dv != D.
 
 
-@pytest.mark.parametrize("dtype", [np.float32, *LOWP], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
-    "mask_shape", [None, (1, 1, 1, 1), (50,), (40, 50), (2, 1, 40, 50), (2, 4, 40, 50)]
+    ("dtype", "mask_shape", "with_bias"),
+    emu_subset(
+        itertools.product(
+            [np.float32, *LOWP],
+            [None, (1, 1, 1, 1), (50,), (40, 50), (2, 1, 40, 50), (2, 4, 40, 50)],
+            [False, True],
+        ),
+        5,
+    ),
+    ids=_id,
 )
-@pytest.mark.parametrize("with_bias", [False, True])
 def test_masks_and_bias(rng, path, dtype, mask_shape, with_bias):
     B, H, Lq, Lk, D = 2, 4, 40, 50, 64
     q, k, v = (
@@ -273,11 +313,21 @@ def test_masks_and_bias(rng, path, dtype, mask_shape, with_bias):
     check_out(out, ref_out, dtype, q, k, v, mask=mask, bias=bias)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, *LOWP], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("causal", [False, True, "top_left"])
-@pytest.mark.parametrize("window", [None, (8, 0), (0, 0), (16, 16), (-1, 5), (30, -1)])
-@pytest.mark.parametrize(("Lq", "Lk"), [(33, 80), (80, 33), (130, 130)])
-def test_key_lengths_causal_window(rng, path, dtype, causal, window, Lq, Lk):
+@pytest.mark.parametrize(
+    ("dtype", "causal", "window", "lengths"),
+    emu_subset(
+        itertools.product(
+            [np.float32, np.float64, *LOWP],
+            [False, True, "top_left"],
+            [None, (8, 0), (0, 0), (16, 16), (-1, 5), (30, -1)],
+            [(33, 80), (80, 33), (130, 130)],
+        ),
+        7,
+    ),
+    ids=_id,
+)
+def test_key_lengths_causal_window(rng, path, dtype, causal, window, lengths):
+    Lq, Lk = lengths
     B, H, D = 3, 2, 64
     q, k, v = (
         rand(rng, (B, H, Lq, D), dtype),
@@ -302,10 +352,20 @@ def test_key_lengths_causal_window(rng, path, dtype, causal, window, Lq, Lk):
     )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, *LOWP], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize(("Hq", "Hk"), [(8, 2), (6, 1), (4, 4)])
-@pytest.mark.parametrize(("D", "Dv"), [(64, 32), (48, 96), (128, 64), (64, 200), (16, 1)])
-def test_gqa_and_value_dim(rng, path, dtype, Hq, Hk, D, Dv):
+@pytest.mark.parametrize(
+    ("dtype", "heads", "dims"),
+    emu_subset(
+        itertools.product(
+            [np.float32, *LOWP],
+            [(8, 2), (6, 1), (4, 4)],
+            [(64, 32), (48, 96), (128, 64), (64, 200), (16, 1)],
+        ),
+        2,
+    ),
+    ids=_id,
+)
+def test_gqa_and_value_dim(rng, path, dtype, heads, dims):
+    (Hq, Hk), (D, Dv) = heads, dims
     B, Lq, Lk = 2, 45, 77
     q, k, v = (
         rand(rng, (B, Hq, Lq, D), dtype),
@@ -483,7 +543,7 @@ def test_out_argument(rng):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("Lk", [4096, 20000])
+@pytest.mark.parametrize("Lk", cpu_sized([4096, 20000], [1000, 3000]))
 def test_decode_split_kv(rng, dtype, Lk):
     B, Hq, Hk, D = 2, 8, 2, 128
     q = rand(rng, (B, Hq, 1, D), dtype)
@@ -529,8 +589,131 @@ def test_forced_splits_with_masks(monkeypatch, rng, splits, dtype):
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("D", [64, 128])
 def test_larger_causal(rng, dtype, D):
-    B, H, L = 1, 4, 1500
+    B, H, L = cpu_sized((1, 4, 1500), (1, 2, 260))
     q, k, v = (rand(rng, (B, H, L, D), dtype) for _ in range(3))
     out = mha_ext.attention(q, k, v, causal=True, device="cuda")
     ref_out, _, _ = ref_attention(q, k, v, causal=True)
     check_out(out, ref_out, dtype, q, k, v, causal=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Review findings (issue 13), each fixed with a test.
+
+
+@pytest.mark.parametrize("dtype", [np.float32, *LOWP], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("D", [64, 256])
+def test_nan_inf_in_v_at_hidden_keys(path, rng, dtype, D):
+    """A NaN/Inf value at a key a row cannot see never reaches that row (both kernels)."""
+    B, H, L = 1, 2, 100
+    q, k, v = (rand(rng, (B, H, L, D), dtype) for _ in range(3))
+    j_masked, j_causal = 10, 70
+    mask = np.ones((L, L), dtype=bool)
+    mask[:, j_masked] = False  # no row sees key 10
+    v_bad = v.copy()
+    v_bad[:, :, j_masked] = np.nan
+    v_bad[:, :, j_causal, ::2] = np.inf  # rows i >= 70 see key 70 (causal)
+    v_bad[:, :, j_causal, 1::2] = np.nan
+    out = mha_ext.attention(q, k, v_bad, mask=mask, causal=True, device="cuda")
+    o = np.asarray(out, np.float64)
+    clean = v.copy()
+    clean[:, :, [j_masked, j_causal]] = 0
+    ref_out, _, _ = ref_attention(q, k, clean, mask=mask, causal=True)
+    rows = slice(0, j_causal)  # rows that cannot see key 70: finite, as if it were not there
+    assert np.isfinite(o[:, :, rows]).all()
+    tol = {np.float32: 1e-5}.get(dtype, 2e-2)
+    np.testing.assert_allclose(o[:, :, rows], ref_out[:, :, rows], rtol=tol, atol=tol)
+    # rows that see key 70 are poisoned (NaN in a visible value)
+    assert np.isnan(o[:, :, j_causal:]).any(axis=-1).all()
+
+
+@pytest.mark.skipif(not EMULATED, reason="fault injection exists in the host emulation only")
+def test_failed_smem_opt_in_is_not_reported_by_the_next_launch(rng, monkeypatch):
+    """A failed cudaFuncSetAttribute is cleared: the next call does not see a stale error."""
+    q128, k128, v128 = (rand(rng, (1, 1, 40, 128), np.float16) for _ in range(3))
+    q64, k64, v64 = (rand(rng, (1, 1, 40, 64), np.float16) for _ in range(3))
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_FAIL", "func_set_attribute")
+    with pytest.raises(RuntimeError, match="tensor-core attention kernel failed"):
+        mha_ext.attention(q128, k128, v128, device="cuda")
+    monkeypatch.delenv("MHA_EXT_CUDA_EMU_FAIL")
+    out = mha_ext.attention(q64, k64, v64, device="cuda")  # no opt-in needed at D = 64
+    check_out(out, ref_attention(q64, k64, v64)[0], np.float16, q64, k64, v64)
+    out = mha_ext.attention(q128, k128, v128, device="cuda")
+    check_out(out, ref_attention(q128, k128, v128)[0], np.float16, q128, k128, v128)
+
+
+@pytest.mark.skipif(not EMULATED, reason="reads the host emulation's launch log")
+def test_tc_shared_memory_fits_two_blocks_per_sm(rng, monkeypatch, tmp_path):
+    """The Q tile no longer has its own buffer: 36 KB at D = 64, 68 KB at D = 128 (was 87 KB);
+    D = 96 and 256 have tensor-core variants of their own (no padding to 128, no SIMT)."""
+    log = tmp_path / "launches.txt"
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_LOG", str(log))
+    for D in (64, 96, 128, 256):
+        q, k, v = (rand(rng, (1, 1, 70, D), np.float16) for _ in range(3))
+        out = mha_ext.attention(q, k, v, causal=True, device="cuda")
+        check_out(out, ref_attention(q, k, v, causal=True)[0], np.float16, q, k, v, causal=True)
+    smem = {}
+    for line in log.read_text().splitlines():
+        head, name = line.split(" kernel=", 1)
+        fields = dict(f.split("=", 1) for f in head.split())
+        if "attention_tc_kernel" in name:
+            smem[int(name.split(",")[1])] = int(fields["smem"])
+    assert smem == {
+        64: 4 * 64 * 72 * 2,
+        96: 4 * 64 * 104 * 2,
+        128: 4 * 64 * 136 * 2,
+        256: 4 * 32 * 264 * 2,  # 32 keys per tile at D = 256
+    }
+    a100_smem_per_sm = 164 * 1024
+    assert all(2 * b <= a100_smem_per_sm for b in smem.values())
+
+
+@pytest.mark.parametrize("pinned", ["1", "0"])
+def test_calls_reuse_the_cached_arena(rng, monkeypatch, pinned):
+    """The per-thread device arena grows and is reused; results never depend on what an
+    earlier call left in it; MHA_EXT_CUDA_PINNED=0 copies from pageable memory instead."""
+    monkeypatch.setenv("MHA_EXT_CUDA_PINNED", pinned)
+    for Lq, Lk, dtype in [(20, 30, np.float32), (90, 200, np.float16), (17, 40, np.float16),
+                          (5, 7, np.float64), (90, 200, np.float32)]:
+        q = rand(rng, (2, 2, Lq, 32), dtype)
+        k = rand(rng, (2, 2, Lk, 32), dtype)
+        v = rand(rng, (2, 2, Lk, 24), dtype)
+        out, lse = mha_ext.attention(q, k, v, causal=True, device="cuda", return_lse=True)
+        ref_out, _, ref_lse = ref_attention(q, k, v, causal=True)
+        check_out(out, ref_out, dtype, q, k, v, causal=True)
+        np.testing.assert_allclose(lse, ref_lse, rtol=lse_tol(dtype), atol=lse_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    ("Hq", "Hk", "Lq", "D", "Dv"),
+    [(8, 2, 1, 64, 64), (6, 1, 2, 40, 72), (4, 4, 3, 128, 32), (16, 1, 1, 256, 256)],
+)
+def test_flash_decoding_kernel(rng, tmp_path, monkeypatch, dtype, Hq, Hk, Lq, D, Dv):
+    """Few query rows per KV head: the flash-decoding kernel, with every mask kind, GQA,
+    NaN values at hidden keys and key splits merged by lse."""
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_LOG", str(tmp_path / "launches.txt"))
+    B, Lk = 2, cpu_sized(3000, 700)
+    q = rand(rng, (B, Hq, Lq, D), dtype)
+    k = rand(rng, (B, Hk, Lk, D), dtype)
+    v = rand(rng, (B, Hk, Lk, Dv), dtype)
+    kl = np.array([Lk, Lk // 2 + 3])
+    mask = rng.random((Lq, Lk)) < 0.9
+    bias = rand(rng, (Hq, 1, Lk), np.float64 if dtype == np.float64 else np.float32)
+    v_nan = v.copy()
+    v_nan[:, :, 5] = np.nan  # hidden by the mask below for every row
+    mask[:, 5] = False
+    for b in range(B):
+        v_nan[b, :, kl[b] :] = np.nan  # padding keys
+    kw = {"mask": mask, "bias": bias, "causal": True, "window": (Lk // 2, 0), "key_lengths": kl}
+    out, lse = mha_ext.attention(q, k, v_nan, device="cuda", return_lse=True, **kw)
+    clean = v.copy()
+    clean[:, :, 5] = 0
+    ref_out, _, ref_lse = ref_attention(q, k, clean, **kw)
+    check_out(out, ref_out, dtype, q, k, clean, **kw)
+    np.testing.assert_allclose(lse, ref_lse, rtol=lse_tol(dtype), atol=lse_tol(dtype))
+    if EMULATED:
+        text = (tmp_path / "launches.txt").read_text()
+        # float64 at D = 256 needs more than the kernel's 96 KB of shared memory: SIMT path
+        fits = not (dtype == np.float64 and D == 256)
+        assert ("attention_decode_kernel" in text) == fits
+        assert ("attention_simt_kernel" in text) == (not fits)

@@ -2,14 +2,24 @@
 // pick a kernel, launch, copy the outputs back.
 //
 // Paths:
-//   fp16/bf16, dot score, max(D, Dv) <= 128, Lq >= kTcMinSeqQ   attention_tc_kernel
+//   fp16/bf16, dot score, max(D, Dv) <= 256, Lq >= kTcMinSeqQ   attention_tc_kernel (head dims
+//                                         padded to 64, 96, 128 or 256)
+//   dot score, (Hq / Hk) * Lq <= 16 query rows per KV head, Lk >= 64
+//                                         attention_decode_kernel (flash-decoding: a block per
+//                                         (key split, KV head, batch)), merged by
+//                                         attention_combine_kernel; MHA_EXT_CUDA_DECODE=0 off
 //   everything else (float32, float64, General, Additive, other head dims, short Lq)
 //                                         attention_simt_kernel, split over keys
 //                                         (flash-decoding) when rows are few and Lk long,
 //                                         merged by attention_combine_kernel
 //   weights                               attention_weights_kernel after the forward
+// Memory: each host thread keeps its device arena, a pinned host mirror of it and its timing
+// events between calls (grown when a call needs more, freed at thread exit), so a call does
+// no cudaMalloc/cudaFree/cudaEventCreate once warm. Inputs are gathered into the pinned
+// mirror and go to the device in one copy; outputs come back through it.
 // Environment knobs for tests and benchmarks: MHA_EXT_CUDA_SIMT=1 forces the SIMT path,
-// MHA_EXT_CUDA_SPLITS=n forces n key chunks on the SIMT path.
+// MHA_EXT_CUDA_SPLITS=n forces n key chunks on the SIMT path, MHA_EXT_CUDA_PINNED=0 copies
+// straight from/to the (pageable) NumPy memory instead.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,6 +41,7 @@ using cuda::kSimtWarps;
 constexpr int64_t kTcMinSeqQ = 16;           // shorter query blocks go to the split SIMT path
 constexpr size_t kSmemDefaultLimit = 48 * 1024;  // dynamic shared memory without opt-in
 constexpr int64_t kMaxSplits = 64;
+constexpr size_t kDecodeSmemOptin = 96 * 1024;  // the decode kernel's opt-in ceiling
 
 thread_local double g_last_kernel_ms = 0.0;
 thread_local double g_last_copy_ms = 0.0;
@@ -73,8 +84,36 @@ Span span_of(const int64_t (&sizes)[4], const int64_t (&strides)[4]) {
     return s;
 }
 
-// One device allocation carved into buffers. Staged inputs keep their host address modulo 16,
-// so a host row that is 16-byte aligned is aligned on the device too.
+// Per host thread, kept between calls: the device buffer the arena is carved from, its
+// pinned host mirror, the timing events.
+struct DeviceCache {
+    char* device = nullptr;
+    size_t device_bytes = 0;
+    char* pinned = nullptr;
+    size_t pinned_bytes = 0;
+    cudaEvent_t ev[4] = {nullptr, nullptr, nullptr, nullptr};
+    DeviceCache() = default;
+    DeviceCache(const DeviceCache&) = delete;
+    DeviceCache& operator=(const DeviceCache&) = delete;
+    ~DeviceCache() {  // errors ignored: the runtime may already be shutting down
+        if (device != nullptr) cudaFree(device);
+        if (pinned != nullptr) cudaFreeHost(pinned);
+        for (auto& e : ev) {
+            if (e != nullptr) cudaEventDestroy(e);
+        }
+    }
+};
+thread_local DeviceCache g_cache;
+
+size_t grown(size_t need, size_t have) {
+    size_t n = have + have / 2;  // grow by half at least: fewer reallocations
+    if (n < need) n = need;
+    return (n + (size_t{1} << 20) - 1) / (size_t{1} << 20) * (size_t{1} << 20);
+}
+
+// One device allocation carved into buffers (the thread's cached one). Staged inputs keep
+// their host address modulo 16, so a host row that is 16-byte aligned is aligned on the
+// device too.
 class Arena {
    public:
     // Reserves bytes; returns the offset. misalign < 16 is added to a 256-aligned start.
@@ -83,26 +122,54 @@ class Arena {
         total_ = off + bytes;
         return off;
     }
-    void allocate() {
+    void allocate(bool pinned) {
         if (total_ == 0) return;
-        const cudaError_t err = cudaMalloc(&base_, total_);
-        if (err != cudaSuccess) {
-            cudaGetLastError();
-            throw std::runtime_error("device='cuda': out of device memory (needed " +
-                                     std::to_string(total_) + " bytes): " +
-                                     cudaGetErrorString(err));
+        DeviceCache& c = g_cache;
+        if (c.device_bytes < total_) {
+            if (c.device != nullptr) cudaFree(c.device);
+            c.device = nullptr;
+            c.device_bytes = 0;
+            size_t n = grown(total_, 0);
+            cudaError_t err = cudaMalloc(&c.device, n);
+            if (err != cudaSuccess) {  // the rounded size may not fit where the exact one does
+                cudaGetLastError();
+                n = total_;
+                err = cudaMalloc(&c.device, n);
+            }
+            if (err != cudaSuccess) {
+                cudaGetLastError();
+                c.device = nullptr;
+                throw std::runtime_error("device='cuda': out of device memory (needed " +
+                                         std::to_string(total_) + " bytes): " +
+                                         cudaGetErrorString(err));
+            }
+            c.device_bytes = n;
         }
+        base_ = c.device;
+        if (pinned && c.pinned_bytes < total_) {
+            if (c.pinned != nullptr) cudaFreeHost(c.pinned);
+            c.pinned = nullptr;
+            c.pinned_bytes = 0;
+            const size_t n = grown(total_, 0);
+            if (cudaMallocHost(reinterpret_cast<void**>(&c.pinned), n) == cudaSuccess) {
+                c.pinned_bytes = n;
+            } else {
+                cudaGetLastError();  // no pinned memory: the pageable path
+                c.pinned = nullptr;
+            }
+        }
+        mirror_ = pinned && c.pinned_bytes >= total_ ? c.pinned : nullptr;
     }
     char* at(size_t off) const { return base_ + off; }
-    ~Arena() {
-        if (base_ != nullptr) cudaFree(base_);
-    }
+    // The pinned host mirror of byte off (nullptr: copy from/to pageable memory directly).
+    char* mirror(size_t off) const { return mirror_ == nullptr ? nullptr : mirror_ + off; }
     Arena() = default;
     Arena(const Arena&) = delete;
     Arena& operator=(const Arena&) = delete;
 
    private:
     char* base_ = nullptr;
+    char* mirror_ = nullptr;
     size_t total_ = 0;
 };
 
@@ -133,9 +200,48 @@ P device_base(const Arena& arena, const Staged& s, size_t elem) {
     return reinterpret_cast<P>(arena.at(s.off) - s.lo * static_cast<int64_t>(elem));
 }
 
-void upload(const Arena& arena, const Staged& s) {
-    if (s.used) check(cudaMemcpy(arena.at(s.off), s.host, s.bytes, cudaMemcpyHostToDevice),
-                      "copying an input to the device");
+// Inputs: gathered into the pinned mirror and sent in one copy of [lo, hi) by flush(), or
+// (no mirror) one cudaMemcpy each from the pageable host memory. The range may also cover
+// the output's bytes; the kernels overwrite those.
+struct Uploads {
+    size_t lo = SIZE_MAX, hi = 0;
+    void add(const Arena& arena, const Staged& s) {
+        if (!s.used) return;
+        if (char* m = arena.mirror(s.off)) {
+            std::memcpy(m, s.host, s.bytes);
+            if (s.off < lo) lo = s.off;
+            if (s.off + s.bytes > hi) hi = s.off + s.bytes;
+        } else {
+            check(cudaMemcpy(arena.at(s.off), s.host, s.bytes, cudaMemcpyHostToDevice),
+                  "copying an input to the device");
+        }
+    }
+    void flush(const Arena& arena, cudaStream_t stream) const {
+        if (hi > lo) {
+            check(cudaMemcpyAsync(arena.at(lo), arena.mirror(lo), hi - lo,
+                                  cudaMemcpyHostToDevice, stream),
+                  "copying the inputs to the device");
+        }
+    }
+};
+
+// bytes at arena offset off back to host memory (through the pinned mirror when there is one).
+// The first of these after the kernels also surfaces their faults.
+void download(const Arena& arena, size_t off, void* host, size_t bytes, cudaStream_t stream,
+              const char* what) {
+    if (bytes == 0) return;
+    if (char* m = arena.mirror(off)) {
+        check(cudaMemcpyAsync(m, arena.at(off), bytes, cudaMemcpyDeviceToHost, stream), what);
+        check(cudaStreamSynchronize(stream), what);
+        std::memcpy(host, m, bytes);
+    } else {
+        check(cudaMemcpy(host, arena.at(off), bytes, cudaMemcpyDeviceToHost), what);
+    }
+}
+
+bool env_is_zero(const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 bool env_flag(const char* name) {
@@ -153,18 +259,14 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The thread's four timing events (created on first use, kept).
 struct Events {
-    cudaEvent_t e[4] = {nullptr, nullptr, nullptr, nullptr};
-    Events() {
-        for (auto& x : e) check(cudaEventCreate(&x), "cudaEventCreate");
-    }
-    ~Events() {
-        for (auto& x : e) {
-            if (x != nullptr) cudaEventDestroy(x);
+    cudaEvent_t* e;
+    Events() : e(g_cache.ev) {
+        for (int i = 0; i < 4; ++i) {
+            if (e[i] == nullptr) check(cudaEventCreate(&e[i]), "cudaEventCreate");
         }
     }
-    Events(const Events&) = delete;
-    Events& operator=(const Events&) = delete;
 };
 
 // The SIMT / weights kernels of one (storage type, accumulation type).
@@ -173,17 +275,36 @@ void run_simt(const AttentionParams& p, const cuda::SimtArgs<A>& args, int64_t n
               int64_t grid_x, size_t smem, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(num_splits));
     MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
-        cuda::attention_simt_kernel<T, A, kAdditive><<<grid, kSimtWarps * 32, smem, stream>>>(p,
-                                                                                          args);
+        MHA_LAUNCH(grid, kSimtWarps * 32, smem, stream,
+                   cuda::attention_simt_kernel<T, A, kAdditive>)(p, args);
     });
     check_launch("the attention kernel");
 }
 
 template <typename T, typename A>
+void run_decode(const AttentionParams& p, const cuda::DecodeArgs<A>& args, int64_t num_splits,
+                size_t smem, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(p.num_heads_k),
+                    static_cast<unsigned>(p.batch));
+    if (smem > kSmemDefaultLimit) {
+        const cudaError_t err = cudaFuncSetAttribute(cuda::attention_decode_kernel<T, A>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem));
+        if (err != cudaSuccess) {
+            cudaGetLastError();  // not left for the next launch to report
+            fail("raising the decode kernel's shared memory", err);
+        }
+    }
+    MHA_LAUNCH(grid, cuda::kDecodeThreads, smem, stream, cuda::attention_decode_kernel<T, A>)(
+        p, args);
+    check_launch("the decode attention kernel");
+}
+
+template <typename T, typename A>
 void run_combine(const AttentionParams& p, const A* part_out, const A* part_lse,
                  int64_t num_splits, A* lse, int64_t grid_x, cudaStream_t stream) {
-    cuda::attention_combine_kernel<T, A><<<static_cast<unsigned>(grid_x), kSimtWarps * 32, 0,
-                                           stream>>>(p, part_out, part_lse,
+    MHA_LAUNCH(static_cast<unsigned>(grid_x), kSimtWarps * 32, 0, stream,
+               cuda::attention_combine_kernel<T, A>)(p, part_out, part_lse,
                                                      static_cast<int>(num_splits), lse);
     check_launch("the split-KV merge kernel");
 }
@@ -193,8 +314,8 @@ void run_weights(const AttentionParams& p, const cuda::SimtArgs<A>& args, const 
                  A* weights, int64_t grid_x, size_t smem, cudaStream_t stream) {
     const unsigned gx = static_cast<unsigned>(grid_x);
     MHA_BOOL_SWITCH(p.score == Score::kAdditive, kAdditive, [&] {
-        cuda::attention_weights_kernel<T, A, kAdditive><<<gx, kSimtWarps * 32, smem, stream>>>(
-            p, args, lse, weights);
+        MHA_LAUNCH(gx, kSimtWarps * 32, smem, stream,
+                   cuda::attention_weights_kernel<T, A, kAdditive>)(p, args, lse, weights);
     });
     check_launch("the attention weights kernel");
 }
@@ -206,7 +327,7 @@ void run_project(const T* x, int64_t batch, int64_t heads, int64_t seq, int64_t 
     const int64_t total = batch * heads * seq * n_out;
     if (total == 0) return;
     const int64_t blocks = ceil_div(total, 256) < 65536 * 8 ? ceil_div(total, 256) : 65536 * 8;
-    cuda::project_rows_kernel<T, A><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+    MHA_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, cuda::project_rows_kernel<T, A>)(
         x, batch, heads, seq, dim, sb, sh, ss, w, n_out, mul, key_lengths, y);
     check_launch("the score projection kernel");
 }
@@ -220,6 +341,11 @@ struct LaunchPlan {
     size_t off_part = 0;                   // split-KV partials
     size_t off_scratch = 0, off_wscratch = 0;  // per-warp scratch when shared memory is short
     bool use_tc = false;   // the tensor-core kernel (fp16/bf16, dot score)
+    bool use_decode = false;  // the flash-decoding kernel
+    int dec_tile = 0, dec_pitch = 0, dec_rows = 0;
+    bool dec_vec = false;
+    int64_t dec_splits = 1, dec_split = 1;
+    size_t dec_smem = 0, off_dpart = 0;
     bool tc_vec = false;   // its rows are 16-byte aligned: cp.async
     bool k_vec = false;    // the SIMT kernels read keys as 16-byte vectors
     int64_t num_splits = 1, split_size = 1;  // split-KV geometry (SIMT path)
@@ -287,6 +413,20 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
             targs.vec = tc_vec;
             cuda::launch_attention_tc(d, targs, stream);
         }
+    } else if (plan.use_decode) {
+        cuda::DecodeArgs<A> da;
+        da.tile_n = plan.dec_tile;
+        da.pitch = plan.dec_pitch;
+        da.rows = plan.dec_rows;
+        da.split_size = plan.dec_split;
+        da.vec = plan.dec_vec;
+        da.part_out = reinterpret_cast<A*>(arena.at(plan.off_dpart));
+        da.part_lse = da.part_out + plan.dec_splits * rows * hp.head_dim_v;
+        run_decode<T, A>(d, da, plan.dec_splits, plan.dec_smem, stream);
+        run_combine<T, A>(d, da.part_out, da.part_lse, plan.dec_splits, lse,
+                          ceil_div(rows, kSimtWarps) < 65536 * 16 ? ceil_div(rows, kSimtWarps)
+                                                                  : 65536 * 16,
+                          stream);
     } else {
         args.scratch = simt_smem == 0 ? reinterpret_cast<A*>(arena.at(off_scratch)) : nullptr;
         if (num_splits > 1) {
@@ -310,20 +450,17 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
 
     // Outputs back to the host (a synchronous copy also surfaces kernel faults).
     if (out_st.used) {
-        check(cudaMemcpy(const_cast<char*>(out_st.host), arena.at(out_st.off), out_st.bytes,
-                         cudaMemcpyDeviceToHost),
-              "running the attention kernels / copying the output back");
+        download(arena, out_st.off, const_cast<char*>(out_st.host), out_st.bytes, stream,
+                 "running the attention kernels / copying the output back");
     }
     if (hp.lse != nullptr) {
-        check(cudaMemcpy(hp.lse, lse, static_cast<size_t>(rows) * sizeof(A),
-                         cudaMemcpyDeviceToHost),
-              "copying lse back");
+        download(arena, off_lse, hp.lse, static_cast<size_t>(rows) * sizeof(A), stream,
+                 "copying lse back");
     }
     if (hp.weights != nullptr) {
-        check(cudaMemcpy(hp.weights, arena.at(off_weights),
-                         static_cast<size_t>(rows * hp.seqlen_k) * sizeof(A),
-                         cudaMemcpyDeviceToHost),
-              "copying the weights back");
+        download(arena, off_weights, hp.weights,
+                 static_cast<size_t>(rows * hp.seqlen_k) * sizeof(A), stream,
+                 "copying the weights back");
     }
     check(cudaEventRecord(ev.e[3], stream), "cudaEventRecord");
     check(cudaEventSynchronize(ev.e[3]), "running the attention kernels");
@@ -422,11 +559,49 @@ void attention_forward_cuda(const AttentionParams& hp) {
                         (D > Dv ? D : Dv) <= cuda::kTcMaxHeadDim && Lq >= kTcMinSeqQ &&
                         !force_simt;
 
+    // Flash-decoding: few query rows per KV head (the GQA group times Lq), long keys.
+    const int64_t dec_rows = Hk > 0 ? (Hq / Hk) * Lq : 0;
+    int dec_tile = 0;
+    const int dec_pitch = static_cast<int>(ceil_div(D > Dv ? D : Dv, 8) * 8);
+    size_t dec_smem = 0;
+    if (!use_tc && !force_simt && !env_is_zero("MHA_EXT_CUDA_DECODE") &&
+        hp.score == Score::kDot && Lk >= 64 && dec_rows >= 1 &&
+        dec_rows <= cuda::kDecodeMaxRows && Hk <= 65535 && B <= 65535) {
+        // The largest tile within the default 48 KB, else within 96 KB (opt-in; A100/H100).
+        for (size_t limit : {kSmemDefaultLimit, kDecodeSmemOptin}) {
+            for (int tn : {64, 32, 16, 8}) {
+                const size_t bytes = cuda::decode_smem_bytes(static_cast<int>(dec_rows), D, Dv,
+                                                             tn, dec_pitch, es, as);
+                if (dec_tile == 0 && bytes <= limit) {
+                    dec_tile = tn;
+                    dec_smem = bytes;
+                }
+            }
+        }
+    }
+    const bool use_decode = dec_tile > 0;
+    int64_t dec_splits = 1, dec_split = Lk;
+    if (use_decode) {
+        int64_t want = env_int("MHA_EXT_CUDA_SPLITS", 0);
+        if (want == 0) {  // about two blocks per SM, at least two tiles per split
+            want = ceil_div(static_cast<int64_t>(num_sms) * 2, B * Hk);
+            const int64_t by_len = ceil_div(Lk, static_cast<int64_t>(dec_tile) * 2);
+            if (want > by_len) want = by_len;
+        }
+        if (want > kMaxSplits) want = kMaxSplits;
+        if (want < 1) want = 1;
+        dec_split = ceil_div(ceil_div(Lk, want), dec_tile) * dec_tile;
+        dec_splits = ceil_div(Lk, dec_split);
+    }
+    const size_t off_dpart =
+        use_decode ? arena.reserve(static_cast<size_t>(dec_splits * rows * (Dv + 1)) * as) : 0;
+
     // SIMT geometry: per-warp scratch of dqk + Dv accumulators in shared memory when it fits.
     const size_t simt_bytes = static_cast<size_t>(kSimtWarps) * (dqk + Dv) * as;
     const bool simt_in_smem = simt_bytes <= kSmemDefaultLimit;
+    const bool use_simt = !use_tc && !use_decode;
     int64_t num_splits = 1;
-    if (!use_tc && simt_in_smem) {
+    if (use_simt && simt_in_smem) {
         const int64_t target_warps = static_cast<int64_t>(num_sms) * 32;
         int64_t want = env_int("MHA_EXT_CUDA_SPLITS", 0);
         if (want == 0 && Lk >= 512 && rows < target_warps) {
@@ -446,11 +621,11 @@ void attention_forward_cuda(const AttentionParams& hp) {
     const int64_t grid_cap = simt_in_smem ? (int64_t{1} << 30) : 128;
     if (grid_x > grid_cap) grid_x = grid_cap;
     const size_t off_part =
-        (!use_tc && num_splits > 1)
+        (use_simt && num_splits > 1)
             ? arena.reserve(static_cast<size_t>(num_splits * rows * (Dv + 1)) * as)
             : 0;
     const size_t off_scratch =
-        (!use_tc && !simt_in_smem)
+        (use_simt && !simt_in_smem)
             ? arena.reserve(static_cast<size_t>(grid_x * kSimtWarps * (dqk + Dv)) * as)
             : 0;
     // Weights kernel: per-warp query vector.
@@ -464,7 +639,7 @@ void attention_forward_cuda(const AttentionParams& hp) {
             ? arena.reserve(static_cast<size_t>(wgrid_x * kSimtWarps * dqk) * as)
             : 0;
 
-    arena.allocate();
+    arena.allocate(!env_is_zero("MHA_EXT_CUDA_PINNED"));
 
     // --- Device view of the parameters ----------------------------------------------------
     AttentionParams d = hp;
@@ -491,6 +666,11 @@ void attention_forward_cuda(const AttentionParams& hp) {
                         strides_ok(hp.q_stride_batch, hp.q_stride_head, hp.q_stride_seq) &&
                         strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq) &&
                         strides_ok(hp.v_stride_batch, hp.v_stride_head, hp.v_stride_seq);
+    const int64_t per16 = 16 / static_cast<int64_t>(es);
+    const bool dec_vec = use_decode && D % per16 == 0 && Dv % per16 == 0 && aligned16(d.k) &&
+                         aligned16(d.v) &&
+                         strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq) &&
+                         strides_ok(hp.v_stride_batch, hp.v_stride_head, hp.v_stride_seq);
     const bool k_vec = hp.score != Score::kAdditive && d.k != nullptr && aligned16(d.k) &&
                        (Dk * static_cast<int64_t>(es)) % 16 == 0 &&
                        strides_ok(hp.k_stride_batch, hp.k_stride_head, hp.k_stride_seq);
@@ -498,17 +678,12 @@ void attention_forward_cuda(const AttentionParams& hp) {
     // --- Run ------------------------------------------------------------------------------
     Events ev;
     check(cudaEventRecord(ev.e[0], 0), "cudaEventRecord");
-    upload(arena, q_st);
-    upload(arena, k_st);
-    upload(arena, v_st);
-    upload(arena, m_st);
-    upload(arena, b_st);
-    upload(arena, kl_st);
-    upload(arena, wq_st);
-    upload(arena, wk_st);
-    upload(arena, w_st);
+    Uploads up;
+    const Staged* inputs[] = {&q_st, &k_st, &v_st, &m_st, &b_st, &kl_st, &wq_st, &wk_st, &w_st};
+    for (const Staged* st : inputs) up.add(arena, *st);
     // An output with gaps between its rows: keep the host bytes of the gaps.
-    if (o_st.used && o_span.count != B * Hq * Lq * Dv) upload(arena, o_st);
+    if (o_st.used && o_span.count != B * Hq * Lq * Dv) up.add(arena, o_st);
+    up.flush(arena, 0);
 
     LaunchPlan plan;
     plan.out = o_st;
@@ -516,6 +691,10 @@ void attention_forward_cuda(const AttentionParams& hp) {
     plan.off_lse = off_lse, plan.off_weights = off_weights;
     plan.off_part = off_part, plan.off_scratch = off_scratch, plan.off_wscratch = off_wscratch;
     plan.use_tc = use_tc, plan.tc_vec = tc_vec, plan.k_vec = k_vec;
+    plan.use_decode = use_decode, plan.dec_tile = dec_tile, plan.dec_pitch = dec_pitch;
+    plan.dec_rows = static_cast<int>(dec_rows), plan.dec_vec = dec_vec;
+    plan.dec_splits = dec_splits, plan.dec_split = dec_split;
+    plan.dec_smem = dec_smem, plan.off_dpart = off_dpart;
     plan.num_splits = num_splits, plan.split_size = split_size;
     plan.grid_x = grid_x, plan.wgrid_x = wgrid_x;
     plan.simt_smem = simt_in_smem ? simt_bytes : 0;

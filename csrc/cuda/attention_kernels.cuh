@@ -1,21 +1,30 @@
 // CUDA attention kernels (templated; included by the .cu files under csrc/cuda/ only).
 //
 // Versions:
-//   attention_tc_kernel      fp16/bf16, dot score, head dims padded up to kHeadDim (64, 128):
+//   attention_tc_kernel      fp16/bf16, dot score, head dims padded up to kHeadDim (64, 96,
+//                            128, 256; kBlockN = 32 keys per tile at 256, else 64):
 //                            tiled flash forward on tensor cores (mma.sync m16n8k16, f32
 //                            accumulators). A block of kWarps warps owns kWarps*16 query rows
 //                            of one (batch, head); K/V tiles of kBlockN keys are double
 //                            buffered in shared memory (cp.async when rows are 16-byte
-//                            aligned, plain loads otherwise); Q stays in registers; P is
+//                            aligned, plain loads otherwise); Q passes through the second
+//                            K/V buffer into registers before the key loop, so shared memory
+//                            is 4 * kBlockN rows (36 KB at D = 64, 52 KB at 96, 68 KB at 128
+//                            and 66 KB at 256); P is
 //                            re-packed from the S accumulators into A fragments; V fragments
 //                            come from ldmatrix.trans. Online softmax in base 2 with the scale
 //                            folded in. Masks, bias, causal, window, key_lengths per element
-//                            on tiles that need them.
+//                            on tiles that need them; on such a tile, a NaN/Inf in V at a key
+//                            some row cannot see is kept out of that row (P = 0 times NaN
+//                            would poison it): the tile's P V then runs lane by lane.
 //   attention_simt_kernel    every dtype (float64 in double, the rest in float), every score:
 //                            one warp per query row, one key per lane for the scores, one
 //                            output dimension per lane for P.V. Any D, Dk, Dv. Optional split
 //                            of the keys into gridDim.y chunks (flash-decoding); the chunks
 //                            write partial (out, lse) that attention_combine_kernel merges.
+//   attention_decode_kernel  flash-decoding for few query rows (Lq * Hq / Hk <= 16), dot score,
+//                            every dtype: one block per (key split, KV head, batch) with all
+//                            the query heads of the GQA group, K/V tiles staged by cp.async.
 //   attention_combine_kernel merges split-KV partials by their lse.
 //   attention_weights_kernel weights = exp(s - lse) for visible keys, 0 elsewhere, computed
 //                            again from q and k (no Lq x Lk buffer exists otherwise).
@@ -36,6 +45,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/ptx.cuh"
 #include "params.h"
@@ -172,7 +182,7 @@ __device__ __forceinline__ A score_of(const AttentionParams& p, const SimtArgs<A
 template <typename T, typename A, bool kAdditive>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     attention_simt_kernel(const AttentionParams p, const SimtArgs<A> a) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MHA_DYNAMIC_SMEM(smem_raw);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int64_t width = a.dqk + p.head_dim_v;
@@ -322,6 +332,224 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 }
 
 // ------------------------------------------------------------------------------------------
+// attention_decode_kernel (flash-decoding): few query rows, long keys, dot score. One block
+// per (key split, KV head, batch) holds every query row that reads that KV head -- the
+// group's Hq / Hk heads times Lq rows, at most kDecodeMaxRows -- so K/V are read once per
+// group, not once per query head. The split's keys go through shared memory in tiles of
+// a.tile_n keys, double buffered (cp.async when rows are 16-byte aligned). Per tile: scores
+// (thread per (row, key) pair), online softmax (warp per row), P V (thread per value dim).
+// Each split writes its partial (out, lse) for attention_combine_kernel to merge by lse.
+// Hidden keys (causal, window, key_lengths, mask) are never read into a row: their V may be
+// NaN. Dynamic shared memory: decode_smem_bytes(); tile pitch in elements: a.pitch.
+
+constexpr int kDecodeMaxRows = 16;
+constexpr int kDecodeThreads = 128;
+
+template <typename A>
+struct DecodeArgs {
+    int tile_n = 0;           // keys per tile
+    int pitch = 0;            // K/V row pitch in shared memory (elements, multiple of 8)
+    int rows = 0;             // query rows per block: (Hq / Hk) * Lq
+    int64_t split_size = 0;   // keys per split (a multiple of tile_n)
+    bool vec = false;         // K/V rows 16-byte aligned: cp.async
+    A* part_out = nullptr;    // (splits, batch * Hq * Lq, Dv)
+    A* part_lse = nullptr;    // (splits, batch * Hq * Lq)
+};
+
+// Bytes of dynamic shared memory the decode kernel needs (A = accumulation, T = storage).
+inline size_t decode_smem_bytes(int rows, int64_t d, int64_t dv, int tile_n, int pitch,
+                                size_t t_bytes, size_t a_bytes) {
+    const size_t kv = 2 * 2 * static_cast<size_t>(tile_n) * pitch * t_bytes;  // 2 bufs x (K, V)
+    const size_t per_row = (static_cast<size_t>(d) + dv + tile_n + 3) * a_bytes + tile_n;
+    return (kv + rows * per_row + 15) / 16 * 16;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int n_rows,
+                                          int64_t n_valid, int dim, int pitch, bool vec) {
+    if (vec) {  // dim % (16 / sizeof(T)) == 0, 16-byte aligned rows
+        constexpr int kE = 16 / static_cast<int>(sizeof(T));
+        const int chunks = dim / kE;
+        for (int idx = threadIdx.x; idx < n_rows * chunks; idx += blockDim.x) {
+            const int r = idx / chunks;
+            const int c = idx - r * chunks;
+            const bool ok = r < n_valid;
+            cp_async_16(dst + r * pitch + c * kE, ok ? src + r * stride + c * kE : src,
+                        ok ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < n_rows * dim; idx += blockDim.x) {
+            const int r = idx / dim;
+            const int c = idx - r * dim;
+            dst[r * pitch + c] = r < n_valid ? src[r * stride + c] : T(0.0f);
+        }
+    }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_kernel(const AttentionParams p, const DecodeArgs<A> a) {
+    MHA_DYNAMIC_SMEM(smem_raw);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int n_warps = blockDim.x >> 5;
+    const int split = blockIdx.x;
+    const int64_t hk = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int R = a.rows;
+    const int TN = a.tile_n;
+    const int P = a.pitch;
+    const int64_t D = p.head_dim, Dv = p.head_dim_v, Lq = p.seqlen_q;
+    const int64_t group = p.num_heads_q / p.num_heads_k;
+
+    T* kv = reinterpret_cast<T*>(smem_raw);  // buffer x: K at kv + x * 2 TN P, V after it
+    A* qs = reinterpret_cast<A*>(kv + 4 * TN * P);  // (R, D) scaled queries
+    A* acc = qs + R * D;                             // (R, Dv) unnormalised outputs
+    A* sp = acc + R * Dv;                            // (R, TN) scores, then P
+    A* m_run = sp + R * TN;                          // (R)
+    A* l_run = m_run + R;                            // (R)
+    A* alpha = l_run + R;                            // (R)
+    uint8_t* vis = reinterpret_cast<uint8_t*>(alpha + R);  // (R, TN)
+
+    const A ninf = neg_inf<A>();
+    const int64_t lk = valid_keys(p, b);
+    const int64_t j_lo = split * a.split_size;
+    const int64_t j_hi = min(lk, j_lo + a.split_size);  // exclusive
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride_batch + hk * p.k_stride_head;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride_batch + hk * p.v_stride_head;
+
+    // Rows: r -> head h = hk * group + r / Lq, query i = r % Lq.
+    for (int idx = tid; idx < R * D; idx += blockDim.x) {
+        const int r = static_cast<int>(idx / D);
+        const int64_t d = idx - r * D;
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + h * p.q_stride_head +
+                     i * p.q_stride_seq;
+        qs[idx] = static_cast<A>(to_accum(q[d])) * static_cast<A>(p.scale);
+    }
+    for (int idx = tid; idx < R * Dv; idx += blockDim.x) acc[idx] = 0;
+    for (int r = tid; r < R; r += blockDim.x) {
+        m_run[r] = ninf;
+        l_run[r] = 0;
+    }
+    const int64_t n_tiles = j_hi > j_lo ? (j_hi - j_lo + TN - 1) / TN : 0;
+    if (n_tiles > 0) {
+        load_rows<T>(kv, k + j_lo * p.k_stride_seq, p.k_stride_seq, TN, j_hi - j_lo,
+                     static_cast<int>(D), P, a.vec);
+        load_rows<T>(kv + TN * P, v + j_lo * p.v_stride_seq, p.v_stride_seq, TN, j_hi - j_lo,
+                     static_cast<int>(Dv), P, a.vec);
+        cp_async_commit();
+    }
+    __syncthreads();
+
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t n0 = j_lo + t * TN;
+        const int buf = static_cast<int>(t & 1);
+        if (t + 1 < n_tiles) {  // prefetch into the other buffer (free since the last barrier)
+            const int64_t n1 = n0 + TN;
+            T* kd = kv + (buf ^ 1) * 2 * TN * P;
+            load_rows<T>(kd, k + n1 * p.k_stride_seq, p.k_stride_seq, TN, j_hi - n1,
+                         static_cast<int>(D), P, a.vec);
+            load_rows<T>(kd + TN * P, v + n1 * p.v_stride_seq, p.v_stride_seq, TN, j_hi - n1,
+                         static_cast<int>(Dv), P, a.vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* kt = kv + buf * 2 * TN * P;
+        const T* vt = kt + TN * P;
+
+        // Scores of (row, key) pairs; hidden pairs are -inf and marked.
+        for (int idx = tid; idx < R * TN; idx += blockDim.x) {
+            const int r = idx / TN;
+            const int jj = idx - r * TN;
+            const int64_t j = n0 + jj;
+            const int64_t h = hk * group + r / Lq, i = r % Lq;
+            const KeyRange rr = visible_keys(p, i, lk);
+            bool see = j < j_hi && j >= rr.lo && j <= rr.hi;
+            if (see && p.mask != nullptr) {
+                see = p.mask[b * p.mask_stride_batch + h * p.mask_stride_head +
+                             i * p.mask_stride_q + j * p.mask_stride_k] != 0;
+            }
+            A x = ninf;
+            if (see) {
+                const A* qr = qs + r * D;
+                const T* kr = kt + jj * P;
+                A dot = 0;
+                for (int64_t d = 0; d < D; ++d) dot += qr[d] * static_cast<A>(to_accum(kr[d]));
+                if (p.bias != nullptr) {
+                    dot += static_cast<const A*>(p.bias)[b * p.bias_stride_batch +
+                                                         h * p.bias_stride_head +
+                                                         i * p.bias_stride_q + j * p.bias_stride_k];
+                }
+                x = dot;
+            }
+            sp[idx] = x;
+            vis[idx] = see ? 1 : 0;
+        }
+        __syncthreads();
+
+        // Online softmax, one warp per row.
+        for (int r = warp; r < R; r += n_warps) {
+            A mx = ninf;
+            for (int jj = lane; jj < TN; jj += 32) mx = fmax(mx, sp[r * TN + jj]);
+            mx = warp_max(mx);
+            const A m_new = fmax(m_run[r], mx);
+            const A m_use = m_new == ninf ? A(0) : m_new;  // NaN scores stay NaN
+            A sum = 0;
+            for (int jj = lane; jj < TN; jj += 32) {
+                const A e = vis[r * TN + jj] ? exp_a(sp[r * TN + jj] - m_use) : A(0);
+                sp[r * TN + jj] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            __syncwarp();  // every lane has read m_run[r] before lane 0 rewrites it
+            if (lane == 0) {
+                const A al = exp_a(m_run[r] - m_use);
+                alpha[r] = al;
+                l_run[r] = l_run[r] * al + sum;
+                m_run[r] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // O = alpha O + P V over the visible keys, one thread per (row, value dim).
+        for (int idx = tid; idx < R * Dv; idx += blockDim.x) {
+            const int r = static_cast<int>(idx / Dv);
+            const int64_t d = idx - r * Dv;
+            A o = acc[idx] * alpha[r];
+            for (int jj = 0; jj < TN; ++jj) {
+                if (vis[r * TN + jj]) o += sp[r * TN + jj] * static_cast<A>(to_accum(vt[jj * P + d]));
+            }
+            acc[idx] = o;
+        }
+        __syncthreads();  // the buffers and sp/vis are rewritten by the next tile
+    }
+
+    // Partials: out = acc / l (0 for an empty split, lse -inf).
+    const int64_t rows_total = p.batch * p.num_heads_q * Lq;
+    for (int idx = tid; idx < R * Dv; idx += blockDim.x) {
+        const int r = static_cast<int>(idx / Dv);
+        const int64_t d = idx - r * Dv;
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const int64_t row = (b * p.num_heads_q + h) * Lq + i;
+        const A l = l_run[r];
+        a.part_out[(static_cast<int64_t>(split) * rows_total + row) * Dv + d] =
+            l == A(0) ? A(0) : acc[idx] / l;
+    }
+    for (int r = tid; r < R; r += blockDim.x) {
+        const int64_t h = hk * group + r / Lq, i = r % Lq;
+        const int64_t row = (b * p.num_heads_q + h) * Lq + i;
+        const A l = l_run[r];
+        a.part_lse[static_cast<int64_t>(split) * rows_total + row] =
+            l == A(0) ? ninf : m_run[r] + log_a(l);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // attention_weights_kernel: weights[row, j] = exp(s - lse) where visible, else 0; a row with
 // lse NaN is NaN throughout (the naive CPU kernel's convention). One warp per row, lanes
 // along keys (coalesced stores). Dynamic shared memory: kSimtWarps * dqk accum_t unless
@@ -331,7 +559,7 @@ template <typename T, typename A, bool kAdditive>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     attention_weights_kernel(const AttentionParams p, const SimtArgs<A> a, const A* lse_in,
                              A* weights) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MHA_DYNAMIC_SMEM(smem_raw);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     A* qs = a.scratch != nullptr
@@ -466,8 +694,31 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
     }
 }
 
+// True when an element this thread copied with load_tile (same n_rows, dim, vec) is NaN or
+// +-Inf. Called after the thread's own copies are complete (cp_async_wait), before the
+// barrier: no other thread's data is read.
+template <typename T, int kPitch>
+__device__ __forceinline__ bool own_rows_nonfinite(const T* tile, int n_rows, int dim, bool vec) {
+    // binary16: exponent 0x7c00; bfloat16: exponent 0x7f80 (all ones: Inf or NaN)
+    const uint16_t exp_mask = std::is_same<T, __half>::value ? 0x7c00 : 0x7f80;
+    bool bad = false;
+    const int per = vec ? 8 : 1;
+    const int cols = dim / per;
+    for (int idx = threadIdx.x; idx < n_rows * cols; idx += blockDim.x) {
+        const int r = idx / cols;
+        const int c = (idx - r * cols) * per;
+        for (int e = 0; e < per; ++e) {
+            uint16_t bits;
+            memcpy(&bits, tile + r * kPitch + c + e, 2);
+            bad |= (bits & exp_mask) == exp_mask;
+        }
+    }
+    return bad;
+}
+
 // Grid: one block per (query tile, batch*head), heaviest (last) query tiles first.
-// Dynamic shared memory: (kBlockM + 4 * kBlockN) * (kHeadDim + 8) elements of T.
+// Dynamic shared memory: tc_smem_bytes<T, kHeadDim, kBlockN>() = 4 * kBlockN * (kHeadDim + 8)
+// elements of T.
 template <typename T, int kHeadDim, int kWarps, int kBlockN>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_tc_kernel(const AttentionParams p, const TcArgs args) {
@@ -479,10 +730,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
     using Mma = MmaOp<T>;
 
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* q_s = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kPitch)
-    T* k_s = q_s + kBlockM * kPitch;          // (2, kBlockN, kPitch)
-    T* v_s = k_s + 2 * kBlockN * kPitch;      // (2, kBlockN, kPitch)
+    MHA_DYNAMIC_SMEM(smem_raw);
+    // Buffer b (b = 0, 1) holds K rows then V rows: K of b at k_s + b * kBuf, V at v_s + b * kBuf.
+    // The Q tile sits in buffer 1 (its K and V rows) until the prefetch of tile 1.
+    static_assert(kBlockM <= 2 * kBlockN, "the Q tile lives in the second K/V buffer");
+    constexpr int kBuf = 2 * kBlockN * kPitch;
+    T* k_s = reinterpret_cast<T*>(smem_raw);
+    T* v_s = k_s + kBlockN * kPitch;
+    T* q_s = k_s + kBuf;  // (kBlockM, kPitch)
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -507,7 +762,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     // Zero the whole tile storage once: columns >= dim stay zero for the dot products.
     {
         uint4* z = reinterpret_cast<uint4*>(smem_raw);
-        const int n16 = (kBlockM + 4 * kBlockN) * kPitch * static_cast<int>(sizeof(T)) / 16;
+        const int n16 = 4 * kBlockN * kPitch * static_cast<int>(sizeof(T)) / 16;
         for (int x = threadIdx.x; x < n16; x += blockDim.x) z[x] = make_uint4(0, 0, 0, 0);
     }
     __syncthreads();
@@ -562,16 +817,31 @@ __global__ void __launch_bounds__(kWarps * 32)
         cp_async_commit();
     }
 
+    // Q into registers, then the second K buffer is free for the prefetch of tile 1.
     uint32_t qf[kSteps][4];
+    if (n_tiles > 0) {
+        cp_async_wait<0>();
+        __syncthreads();
+        const T* qw = q_s + warp * 16 * kPitch;
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) {
+            const int c = ks * 16 + t4 * 2;
+            qf[ks][0] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c);
+            qf[ks][1] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c);
+            qf[ks][2] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c + 8);
+            qf[ks][3] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c + 8);
+        }
+        __syncthreads();
+    }
     for (int64_t t = 0; t < n_tiles; ++t) {
         const int64_t n0 = j_begin + t * kBlockN;
         const int buf = static_cast<int>(t & 1);
         if (t + 1 < n_tiles) {
             // Prefetch the next tile into the other buffer (free since the barrier that
-            // ended iteration t - 1).
+            // ended iteration t - 1, or for t = 0 the one after Q went to registers).
             const int64_t n1 = n0 + kBlockN;
-            T* kd = k_s + (buf ^ 1) * kBlockN * kPitch;
-            T* vd = v_s + (buf ^ 1) * kBlockN * kPitch;
+            T* kd = k_s + (buf ^ 1) * kBuf;
+            T* vd = v_s + (buf ^ 1) * kBuf;
             load_tile<T, kPitch>(kd, k + n1 * p.k_stride_seq, p.k_stride_seq, kBlockN,
                                  j_end - n1, dim, args.vec);
             load_tile<T, kPitch>(vd, v + n1 * p.v_stride_seq, p.v_stride_seq, kBlockN,
@@ -581,22 +851,21 @@ __global__ void __launch_bounds__(kWarps * 32)
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads();
-
-        if (t == 0) {
-            const T* qw = q_s + warp * 16 * kPitch;
-#pragma unroll
-            for (int ks = 0; ks < kSteps; ++ks) {
-                const int c = ks * 16 + t4 * 2;
-                qf[ks][0] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c);
-                qf[ks][1] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c);
-                qf[ks][2] = *reinterpret_cast<const uint32_t*>(qw + g * kPitch + c + 8);
-                qf[ks][3] = *reinterpret_cast<const uint32_t*>(qw + (g + 8) * kPitch + c + 8);
-            }
+        // A tile strictly inside every row's interval (and free of the zero-filled keys past
+        // j_end) needs no per-element check. Any other tile: is there a NaN/Inf in its V?
+        const bool inside = !per_element && last.lo <= n0 && first.hi >= n0 + kBlockN - 1 &&
+                            first.lo <= first.hi && last.lo <= last.hi;
+        bool v_bad = false;
+        if (inside) {
+            __syncthreads();
+        } else {
+            const int rows_here = static_cast<int>(min(int64_t(kBlockN), j_end - n0));
+            v_bad = __syncthreads_or(own_rows_nonfinite<T, kPitch>(
+                        v_s + buf * kBuf, rows_here, dim_v, args.vec)) != 0;
         }
 
         // S = Q K^T for this warp's 16 rows and kBlockN keys.
-        const T* kt = k_s + buf * kBlockN * kPitch;
+        const T* kt = k_s + buf * kBuf;
         float s[kTilesN][4];
 #pragma unroll
         for (int nt = 0; nt < kTilesN; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -611,10 +880,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             }
         }
 
-        // Scale to base-2 units and hide what may not be seen. A tile strictly inside every
-        // row's interval (and free of the zero-filled keys past j_end) needs no check.
-        const bool inside = !per_element && last.lo <= n0 && first.hi >= n0 + kBlockN - 1 &&
-                            first.lo <= first.hi && last.lo <= last.hi;
+        // Scale to base-2 units and hide what may not be seen; hidden: bit nt * 4 + e.
+        uint32_t hidden = 0;
         if (inside) {
 #pragma unroll
             for (int nt = 0; nt < kTilesN; ++nt) {
@@ -635,9 +902,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                     float x = ninf;
                     if (vis) {
                         x = s[nt][e] * scale_log2;
-                        if (bias_rows[r] != nullptr) {
-                            x += bias_rows[r][j * p.bias_stride_k] * kLog2e;
-                        }
+                        if (bias_rows[r] != nullptr) x += bias_rows[r][j * p.bias_stride_k] * kLog2e;
+                    } else {
+                        hidden |= 1u << (nt * 4 + e);
                     }
                     s[nt][e] = x;
                 }
@@ -677,9 +944,45 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
 
         // O += P V: P (16 x kBlockN) from the S accumulators, V fragments by ldmatrix.trans.
-        const T* vt = v_s + buf * kBlockN * kPitch;
+        const T* vt = v_s + buf * kBuf;
+        if (v_bad) {
+            // A NaN/Inf in this V tile: lane by lane, so that keys hidden from a row (P = 0)
+            // never reach it. Key j's P is in lane g * 4 + (j % 8) / 2, s[j / 8][j % 2 + 2 r].
+            for (int j = 0; j < kBlockN; ++j) {
+                const int src = g * 4 + ((j & 7) >> 1);
+                float mine0 = 0.0f, mine1 = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                for (int nt = 0; nt < kTilesN; ++nt) {
+                    if (nt == (j >> 3)) {
+                        mine0 = (j & 1) ? s[nt][1] : s[nt][0];
+                        mine1 = (j & 1) ? s[nt][3] : s[nt][2];
+                    }
+                }
+                const float p0 = warp_shfl(mine0, src);
+                const float p1 = warp_shfl(mine1, src);
+                const uint32_t hb = warp_shfl(hidden, src);
+                const int bit = (j >> 3) * 4 + (j & 1);
+                const bool see0 = ((hb >> bit) & 1u) == 0;
+                const bool see1 = ((hb >> (bit + 2)) & 1u) == 0;
+                const T* vr = vt + j * kPitch;
+#pragma unroll
+                for (int x = 0; x < kTilesD; ++x) {
+                    const int c = x * 8 + t4 * 2;
+                    const float v0 = to_accum(vr[c]);
+                    const float v1 = to_accum(vr[c + 1]);
+                    if (see0) {
+                        o[x][0] += p0 * v0;
+                        o[x][1] += p0 * v1;
+                    }
+                    if (see1) {
+                        o[x][2] += p1 * v0;
+                        o[x][3] += p1 * v1;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < (v_bad ? 0 : kBlockN / 16); ++kk) {
             uint32_t pa[4];
             pa[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
             pa[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
@@ -729,10 +1032,19 @@ __global__ void __launch_bounds__(kWarps * 32)
 // ------------------------------------------------------------------------------------------
 // Launchers of the tensor-core kernel (attention_tc.cu). p holds device pointers.
 
+// Dynamic shared memory of attention_tc_kernel: two K and two V buffers of kBlockN rows (the
+// Q tile passes through the second pair).
+template <typename T, int kHeadDim, int kBlockN>
+constexpr size_t tc_smem_bytes() {
+    return static_cast<size_t>(4 * kBlockN) * (kHeadDim + 8) * sizeof(T);
+}
+
 // The largest head dimension max(D, Dv) the tensor-core kernel covers.
-constexpr int64_t kTcMaxHeadDim = 128;
+constexpr int64_t kTcMaxHeadDim = 256;
 
 // Launches attention_tc_kernel for p.dtype (fp16/bf16) and max(D, Dv) <= kTcMaxHeadDim.
+// Keys per tile for a head dimension (registers: the O accumulators grow with it).
+constexpr int tc_block_n(int head_dim) { return head_dim > 128 ? 32 : 64; }
 // Throws std::runtime_error on launch failure.
 void launch_attention_tc(const AttentionParams& p, const TcArgs& args, cudaStream_t stream);
 

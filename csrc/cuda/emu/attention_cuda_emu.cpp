@@ -1,0 +1,2 @@
+// The CUDA backend's host side and SIMT kernels, compiled for the host emulation.
+#include "cuda/attention_cuda.cu"
