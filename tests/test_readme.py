@@ -72,7 +72,8 @@ def test_install_lines_work_from_a_clone():
     assert lines
     extras = _extras()
     for arg in lines:
-        target = arg.split()[-1].strip()
+        # the last word that is not an option (-C..., -e, ...) is what gets installed
+        target = [w for w in arg.split() if not w.startswith("-")][-1].strip()
         m = re.fullmatch(r'"?\.(?:\[([\w,]+)\])?"?', target)
         assert m, f"README: `pip install {arg}` does not install the clone"
         for extra in (m.group(1) or "").split(","):
