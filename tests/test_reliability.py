@@ -367,8 +367,8 @@ def test_torch_set_num_threads_effect_is_as_documented():
     )
     line = next(x for x in out.splitlines() if x.startswith("LIBS"))
     _, libs, _, here, _, other, _, _cpus = line.split()
-    if int(libs) == 1:  # one shared runtime: the calling thread follows torch
-        assert int(here) == 1, line
-    else:  # separate runtimes: mha_ext keeps its default
-        assert int(here) == 2, line
+    # Measured in both builds (one shared libgomp from a source build, and the wheel's own
+    # hashed copy beside torch's): the calling thread's calls follow torch.set_num_threads.
+    assert int(libs) in (1, 2), line
+    assert int(here) == 1, line
     assert int(other) == 2, line
