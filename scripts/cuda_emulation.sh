@@ -20,6 +20,9 @@ printf '=== [%4ds] build (MHA_EXT_CUDA_EMULATOR=ON)\n' "$((SECONDS - start))"
 
 printf '=== [%4ds] tests/test_cuda_emulator.py tests/test_cuda.py (emulated)\n' \
   "$((SECONDS - start))"
+# The emulator modules use initial-exec TLS (fiber state, race-detector hooks); give the
+# dynamic loader room for them when Python dlopens the extension.
+export GLIBC_TUNABLES=glibc.rtld.optional_static_tls=67108864
 unset MHA_EXT_CUDA_EMU_RACECHECK MHA_EXT_CUDA_EMU_SCHEDULE MHA_EXT_CUDA_SIMT MHA_EXT_CUDA_SPLITS
 PYTHONPATH="$work/site" "$py" -c \
   'import mha_ext, sys; i = mha_ext.build_info(); print("mha_ext from", mha_ext.__file__); sys.exit(0 if i["cuda_emulated"] and mha_ext.cuda_available() else 1)'
