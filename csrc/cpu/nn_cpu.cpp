@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "check.h"
 
@@ -216,6 +217,51 @@ MHA_NN_INLINE V gelu_v(V x) {
     return sel(phi == 0.0, splat(0.0), x * phi);
 }
 
+// The GELU of a float32 input: the same x * Phi(x) in double, with a cheaper erfc that is
+// accurate to what a float32 result needs (the double series above is kept for float64).
+//   erfc(a) = t exp(-a^2 + g(t)),  t = 2 / (2 + a),  a in [0, 10.6]
+// (the Chebyshev form of Numerical Recipes' erfccheb). g is a degree-19 Chebyshev series in
+// u = (2t - 1.15) / 0.85 (t in [0.15, 1]), fitted at 80 nodes with mpmath at 40 digits and
+// written here in powers of u (the coefficients decay fast enough that the power form loses
+// nothing measurable), evaluated by Estrin's scheme so that its FMAs are not one serial
+// chain. Measured against mpmath's erfc on 20,001 points of [0, 10.6]: relative error
+// <= 2.4e-14, i.e. 4e-7 of a float32 half ulp, so the float32 result is the correctly
+// rounded value except within 4e-7 ulp of a rounding midpoint (tests/test_nn.py checks
+// <= 1 ulp on 50,000 points; measured 0.5). Beyond a = 10.6 (x < -14.99) x Phi(x) is below
+// float32's smallest subnormal: the result is 0.
+constexpr double kErfcPoly[20] = {
+    -0.56999496063079169,    0.58103486808375715,     0.018217779904836043,
+    -0.031170806575952177,   -0.0015328681355869273,  0.0041319204509850695,
+    -0.00023405089013146582, -0.00065332656191986044, 0.0001611135027517934,
+    8.7424177821787075e-05,  -5.1067559889659575e-05, -4.1324922558959662e-06,
+    1.1163483307043654e-05,  -2.3134914408980326e-06, -1.5831883544588238e-06,
+    8.9723948723872866e-07,  9.0633357689027818e-08,  -1.7010944608333214e-07,
+    6.8463118615071724e-09,  1.5313164993369558e-08,
+};
+
+MHA_NN_INLINE V gelu_f32_v(V x) {
+    constexpr double kRsqrt2 = 0.70710678118654752440;
+    constexpr double kTMin = 0.15, kACut = 10.6;
+    const V z = x * kRsqrt2;
+    V a = sel(z < 0.0, -z, z);
+    const VI far = a > kACut;  // false for NaN, which stays NaN below
+    a = sel(far, splat(kACut), a);
+    const V t = 2.0 / (2.0 + a);
+    const V u = (2.0 * t - (1.0 + kTMin)) * (1.0 / (1.0 - kTMin));
+    const V u2 = u * u, u4 = u2 * u2, u8 = u4 * u4, u16 = u8 * u8;
+    const double* c = kErfcPoly;
+    V q[10];
+#pragma GCC unroll 10
+    for (int i = 0; i < 10; ++i) q[i] = c[2 * i] + u * c[2 * i + 1];
+    const V r0 = q[0] + u2 * q[1], r1 = q[2] + u2 * q[3], r2 = q[4] + u2 * q[5],
+            r3 = q[6] + u2 * q[7], r4 = q[8] + u2 * q[9];
+    const V g = ((r0 + u4 * r1) + u8 * (r2 + u4 * r3)) + u16 * r4;
+    const V e = t * exp_v(g - a * a);  // erfc(|z|)
+    V phi = sel(x < 0.0, 0.5 * e, 1.0 - 0.5 * e);
+    phi = sel(far, sel(x < 0.0, splat(0.0), splat(1.0)), phi);
+    return sel(phi == 0.0, splat(0.0), x * phi);
+}
+
 // x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + exp(-2u)), which
 // has no cancellation on either side. gelu_tanh(-inf) = 0, +inf stays, NaN stays (NaN > c is
 // false).
@@ -230,9 +276,11 @@ MHA_NN_INLINE V gelu_tanh_v(V x) {
 
 MHA_NN_INLINE V relu_v(V x) { return sel(x < 0.0, splat(0.0), x); }
 
-template <Activation A>
+// T is the element type of the output: a float32 GELU takes the float32-accurate erfc.
+template <typename T, Activation A>
 MHA_NN_INLINE V act_v(V x) {
     if constexpr (A == Activation::kRelu) return relu_v(x);
+    if constexpr (A == Activation::kGelu && std::is_same_v<T, float>) return gelu_f32_v(x);
     if constexpr (A == Activation::kGelu) return gelu_v(x);
     if constexpr (A == Activation::kGeluTanh) return gelu_tanh_v(x);
     if constexpr (A == Activation::kErf) return erf_v(x);
@@ -256,13 +304,13 @@ MHA_NN_INLINE void bias_act_block(const BiasActParams& p, int64_t i, int64_t c0,
         } else {
             v = load(x + j);
         }
-        store(out + j, act_v<A>(v));
+        store(out + j, act_v<T, A>(v));
     }
     if (j < c1) {
         const int64_t n = c1 - j;
         T tmp[kLanes] = {};
         for (int64_t l = 0; l < n; ++l) tmp[l] = bias ? T(x[j + l] + bias[j + l]) : x[j + l];
-        store_part(out + j, act_v<A>(load(tmp)), n);
+        store_part(out + j, act_v<T, A>(load(tmp)), n);
     }
 }
 
