@@ -159,9 +159,32 @@ class _Scratch:
         self.__dict__.update(state)
 
 
+def _matmul_2d(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ w`` for ``x (..., k)`` as ONE 2-D BLAS GEMM over all leading rows.
+
+    NumPy's stacked matmul of a 3-D ``x`` by a 2-D ``w`` runs one GEMM per leading index: on
+    (8, 512, 384) @ (384, 384) that measured 1.4-4x slower than the same product as
+    (4096, 384) @ (384, 384) (OpenBLAS, 2 threads). ``x.reshape`` is a view whenever the rows
+    are evenly strided (every layer input here); ``out`` must reshape to a view or is used as
+    given.
+    """
+    if x.ndim <= 2:
+        return np.matmul(x, w) if out is None else np.matmul(x, w, out=out)
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        return np.matmul(x2, w).reshape(*x.shape[:-1], w.shape[-1])
+    o2 = out.view()
+    try:
+        o2.shape = (-1, out.shape[-1])  # raises instead of copying when it can't be a view
+    except AttributeError:
+        return np.matmul(x, w, out=out)
+    np.matmul(x2, w, out=o2)
+    return out
+
+
 def _matmul_bias(x: np.ndarray, w: np.ndarray, b, out: np.ndarray | None = None) -> np.ndarray:
-    """``x @ w + b`` (BLAS, then the native bias add in place)."""
-    y = np.matmul(x, w) if out is None else np.matmul(x, w, out=out)
+    """``x @ w + b`` (one 2-D BLAS GEMM, then the native bias add in place)."""
+    y = _matmul_2d(x, w, out)
     if b is not None:
         _bias_act(y, b, "none", out=y)
     return y
