@@ -9,8 +9,9 @@ Sections (both sides in one process, interleaved, same thread count, medians):
 - ``layers``: ``TransformerEncoderLayer`` / ``TransformerDecoderLayer`` /
   ``MultiHeadAttention`` against their ``torch.nn`` twins in eval mode (d_model 384, 6 heads,
   FFN 1536, batch 8, L = 128 and 512, a quarter of each sequence padded for the encoder).
-- ``split``: cProfile of one packed MiniLM batch-64 forward, grouped into attention (native
-  calls), projections/FFN GEMMs (NumPy BLAS), elementwise (bias/act/norm kernels) and packing.
+- ``split``: wall time per category (attention = the native kernel calls, projections/FFN
+  GEMMs = NumPy BLAS, elementwise = the native bias/act/norm kernels, packing, other) of one
+  MiniLM batch-64 forward and of each layer at L = 512 (``_Timed``).
 
 Validation first, warmup 1, then ``--reps`` (default 5) interleaved repetitions. Writes
 JSON + Markdown (+ PNG) to benchmarks/results/<machine>/layers.*.
@@ -20,11 +21,9 @@ Run: ``python benchmarks/bench_layers.py [--reps 5] [--threads 2] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
 import platform
-import pstats
 import subprocess
 import sys
 import time
@@ -166,33 +165,100 @@ def bench_layers(reps, lengths):
     return rows
 
 
-def time_split():
+class _Timed:
+    """Per-category wall time of what the layers call, for the time split.
+
+    Wraps, for the duration of a ``with`` block, the names ``mha_ext.layers`` calls: its
+    ``np.matmul`` (every projection / FFN GEMM, NumPy BLAS), ``attention`` (the native kernel),
+    the native elementwise kernels ``_bias_act`` / ``_add_norm`` and ``Packing``'s
+    pack/unpack/constructor. None of the wrapped functions calls another wrapped one, so the
+    categories don't overlap; "other" is the rest of the wall time (Python glue, the
+    example's embedding lookup and pooling).
+    """
+
+    def __init__(self):
+        from mha_ext import layers
+
+        self.layers, self.t = layers, {}
+
+    def _wrap(self, owner, name, cat):
+        fn = getattr(owner, name)
+        t = self.t
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                t[cat] = t.get(cat, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, fn))
+
+    def __enter__(self):
+        L = self.layers
+        self.undo = []
+
+        class _Np:  # layers' numpy, with a timed matmul
+            def __getattr__(_, k):
+                return getattr(np, k)
+
+        proxy = _Np()
+        proxy.matmul = np.matmul
+        self._wrap(proxy, "matmul", "projections+ffn gemm")
+        self.undo.append((L, "np", L.np))
+        L.np = proxy
+        self._wrap(L, "attention", "attention")
+        self._wrap(L, "_bias_act", "elementwise")
+        self._wrap(L, "_add_norm", "elementwise")
+        for m in ("pack", "unpack", "__init__"):
+            self._wrap(L.Packing, m, "packing")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in reversed(self.undo):
+            setattr(owner, name, fn)
+
+
+def split_of(fn, reps=3) -> dict:
+    """Median per-category ms of ``fn()`` (see ``_Timed``), plus total and attention share."""
+    fn()
+    runs = []
+    for _ in range(reps):
+        with _Timed() as tm:
+            t0 = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t0
+        cats = {k: tm.t.get(k, 0.0) for k in
+                ("attention", "projections+ffn gemm", "elementwise", "packing")}
+        cats["other"] = wall - sum(cats.values())
+        cats["total"] = wall
+        runs.append(cats)
+    med = {k: 1e3 * float(np.median([r[k] for r in runs])) for k in runs[0]}
+    med["attention share"] = med["attention"] / med["total"]
+    return med
+
+
+def time_split(length=512):
+    """Time splits: one packed MiniLM batch-64 forward, and each layer at L = ``length``."""
     import sentence_embedding as se
 
     path = se.model_dir(None)
     model = se.MiniLM(path)
     ids, real, types = se.tokenize(path, sentences(np.random.default_rng(0), 64), 256)
-    model(ids, real, types)
-    prof = cProfile.Profile()
-    prof.enable()
-    model(ids, real, types)
-    prof.disable()
-    st = pstats.Stats(prof).stats
-    groups = {"attention": 0.0, "projections+ffn gemm": 0.0, "elementwise": 0.0,
-              "packing": 0.0}
-    total = 0.0
-    for (file, _, fn), (_, _, tt, _, _) in st.items():
-        total += tt
-        if fn == "attention" or "_core.attention" in fn or fn == "<built-in method attention>":
-            groups["attention"] += tt
-        elif "matmul" in fn or fn in ("_ff_into", "_matmul_bias", "_attend_packed"):
-            groups["projections+ffn gemm"] += tt
-        elif "bias_act" in fn or "add_norm" in fn:
-            groups["elementwise"] += tt
-        elif fn in ("pack", "unpack", "take", "__init__") or "reduceat" in fn:
-            groups["packing"] += tt
-    groups["other python"] = total - sum(groups.values())
-    return {k: 1e3 * v for k, v in groups.items()}
+    out = {"MiniLM b64": split_of(lambda: model(ids, real, types))}
+    d, h, f, b = 384, 6, 1536, 8
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((b, length, d)).astype(np.float32)
+    kpm = np.ones((b, length), bool)
+    kpm[:, length - length // 4:] = False
+    enc = mha_ext.TransformerEncoderLayer(d, h, f, activation="gelu")
+    dec = mha_ext.TransformerDecoderLayer(d, h, f)
+    mha = mha_ext.MultiHeadAttention(d, h)
+    out[f"encoder L{length} (25% padded)"] = split_of(lambda: enc(x, key_padding_mask=kpm))
+    out[f"decoder L{length} (causal)"] = split_of(lambda: dec(x, x, tgt_causal=True))
+    out[f"multi-head attention L{length}"] = split_of(lambda: mha(x))
+    return out
 
 
 def main():
@@ -211,7 +277,7 @@ def main():
     print(res["header"], flush=True)
     res["minilm"] = bench_minilm(args.reps, [1, 8] if args.quick else [1, 8, 64])
     res["layers"] = bench_layers(args.reps, [128] if args.quick else [128, 512])
-    res["split_ms"] = time_split()
+    res["split_ms"] = time_split(128 if args.quick else 512)
     print(res["split_ms"])
     out = Path(args.out) if args.out else _machine_folder()
     out.mkdir(parents=True, exist_ok=True)
@@ -231,9 +297,13 @@ def main():
     for r in res["layers"]:
         md.append(f"| {r['layer']} | {r['L']} | {r['mha_ext_ms']:.1f} | {r['torch_ms']:.1f} | "
                   f"{r['speedup']:.2f}x |")
-    md += ["", "## Time split of one MiniLM batch-64 forward (cProfile, ms)", "",
-           "| part | ms |", "|---|---|"]
-    md += [f"| {k} | {v:.1f} |" for k, v in res["split_ms"].items()]
+    cats = ["attention", "projections+ffn gemm", "elementwise", "packing", "other", "total"]
+    md += ["", "## Time split (ms, medians of 3; wall time per category of what the layers call)",
+           "", "| case | " + " | ".join(cats) + " | attention share |",
+           "|---" * (len(cats) + 2) + "|"]
+    for case, v in res["split_ms"].items():
+        md.append(f"| {case} | " + " | ".join(f"{v[c]:.1f}" for c in cats)
+                  + f" | {100 * v['attention share']:.0f}% |")
     (out / "layers.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
