@@ -336,17 +336,31 @@ MHA_NN_INLINE void add_norm_row(const AddNormParams& p, int64_t i) {
     const T* yb = static_cast<const T*>(p.y_bias);
     T* s = p.sum_out ? static_cast<T*>(p.sum_out) + i * p.sum_stride
                      : static_cast<T*>(p.out) + i * p.out_stride;
-    // s = x + (y + y_bias), rounded to T like the unfused PyTorch ops; sum in double.
+    // s = x + (y + y_bias), rounded to T like the unfused PyTorch ops (the adds run in T's own
+    // vector type), summed in double.
+    using TV = std::conditional_t<std::is_same_v<T, float>, VF, V>;
+    auto ld = [](const T* q) {
+        TV v;
+        std::memcpy(&v, q, sizeof v);
+        return v;
+    };
     V acc = splat(0.0);
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-        T tmp[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-            T v = y ? (yb ? T(y[j + l] + yb[j + l]) : y[j + l]) : (yb ? yb[j + l] : T(0));
-            tmp[l] = (y || yb) ? T(x[j + l] + v) : x[j + l];
+        TV v = ld(x + j);
+        if (y) {
+            TV w = ld(y + j);
+            if (yb) w += ld(yb + j);
+            v += w;
+        } else if (yb) {
+            v += ld(yb + j);
         }
-        std::memcpy(s + j, tmp, sizeof tmp);
-        acc += load(tmp);
+        std::memcpy(s + j, &v, sizeof v);
+        if constexpr (std::is_same_v<T, float>) {
+            acc += __builtin_convertvector(v, V);
+        } else {
+            acc += v;
+        }
     }
     for (; j < n; ++j) {
         T v = y ? (yb ? T(y[j] + yb[j]) : y[j]) : (yb ? yb[j] : T(0));
