@@ -296,16 +296,22 @@ MHA_NN_INLINE void bias_act_block(const BiasActParams& p, int64_t i, int64_t c0,
     const T* bias = static_cast<const T*>(p.bias);
     T* out = static_cast<T*>(p.out) + i * p.out_stride;
     int64_t j = c0;
+    using TV = std::conditional_t<std::is_same_v<T, float>, VF, V>;
     for (; j + kLanes <= c1; j += kLanes) {
-        V v;
+        TV t;
+        std::memcpy(&t, x + j, sizeof t);
         if (bias) {
-            T tmp[kLanes];
-            for (int l = 0; l < kLanes; ++l) tmp[l] = x[j + l] + bias[j + l];
-            v = load(tmp);
-        } else {
-            v = load(x + j);
+            TV bv;
+            std::memcpy(&bv, bias + j, sizeof bv);
+            t += bv;  // in T, as a GEMM epilogue would
         }
-        store(out + j, act_v<T, A>(v));
+        if constexpr (A == Activation::kNone) {
+            std::memcpy(out + j, &t, sizeof t);
+        } else if constexpr (std::is_same_v<T, float>) {
+            store(out + j, act_v<T, A>(__builtin_convertvector(t, V)));
+        } else {
+            store(out + j, act_v<T, A>(t));
+        }
     }
     if (j < c1) {
         const int64_t n = c1 - j;
