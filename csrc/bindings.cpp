@@ -197,11 +197,31 @@ Dims4 dims_of(const py::array& a, const Axes& ax) {
             stride(ax.l)};
 }
 
-// Shape of a result in the caller's rank and layout.
+// Shape of a result in the caller's rank and layout, into dims[0 .. rank) (no heap).
+void shape_into(int rank, bool blhd, int64_t b, int64_t h, int64_t l, int64_t d, int64_t* dims) {
+    // Rank 2 is (L, D) in either layout.
+    const int64_t bhld[4] = {b, h, l, d}, blhd_[4] = {b, l, h, d};
+    const int64_t* src = (blhd && rank > 2 ? blhd_ : bhld) + (4 - rank);
+    for (int i = 0; i < rank; ++i) dims[i] = src[i];
+}
+
 std::vector<int64_t> shape_of(int rank, bool blhd, int64_t b, int64_t h, int64_t l, int64_t d) {
-    if (rank == 4) return blhd ? std::vector<int64_t>{b, l, h, d} : std::vector<int64_t>{b, h, l, d};
-    if (rank == 3) return blhd ? std::vector<int64_t>{l, h, d} : std::vector<int64_t>{h, l, d};
-    return {l, d};
+    int64_t dims[4];
+    shape_into(rank, blhd, b, h, l, d, dims);
+    return std::vector<int64_t>(dims, dims + rank);
+}
+
+// A new C-ordered array of `dt`, shape dims[0 .. nd): NumPy's constructor called directly,
+// without the shape and stride vectors pybind11's py::array(dtype, shape) builds (about 500
+// instructions of a ~2 us tiny call).
+py::array new_c_array(const py::dtype& dt, int nd, const int64_t* dims) {
+    const auto& api = py::detail::npy_api::get();
+    Py_intptr_t shape[4];
+    for (int i = 0; i < nd; ++i) shape[i] = static_cast<Py_intptr_t>(dims[i]);
+    PyObject* o = api.PyArray_NewFromDescr_(api.PyArray_Type_, dt.inc_ref().ptr(), nd, shape,
+                                            nullptr, nullptr, 0, nullptr);  // steals dt
+    if (o == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::array>(o);
 }
 
 // Broadcast strides (elements) of a mask/bias against target (B, Hq, Lq, Lk), in that order.
@@ -554,11 +574,11 @@ void fill_alibi_softcap(AttentionParams& p, Inputs& in, const QkvShape& s, py::h
 
 // The output array: new, or the caller's `out` (checked: dtype, shape, layout, no overlap).
 py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::handle out) {
-    const std::vector<int64_t> out_shape =
-        shape_of(s.rank, s.blhd, s.Q.b, s.Q.h, s.Q.l, s.V.d);
+    int64_t out_shape[4];
+    shape_into(s.rank, s.blhd, s.Q.b, s.Q.h, s.Q.l, s.V.d, out_shape);
     py::array result = no_array();
     if (out.is_none()) {
-        result = py::array(in.q.dtype(), out_shape);
+        result = new_c_array(in.q.dtype(), s.rank, out_shape);
     } else {
         MHA_CHECK_TYPE(py::isinstance<py::array>(out), "out: expected a NumPy array or None");
         result = py::reinterpret_borrow<py::array>(out);
@@ -579,11 +599,10 @@ py::array fill_out(AttentionParams& p, const Inputs& in, const QkvShape& s, py::
             throw type_error(detail::concat("out: expected dtype ", dtype_name(in.q), ", got ",
                                             dtype_name(result)));
         }
-        bool shape_ok = result.ndim() == static_cast<py::ssize_t>(out_shape.size());
-        for (size_t i = 0; shape_ok && i < out_shape.size(); ++i) {
-            shape_ok = result.shape(i) == out_shape[i];
-        }
-        MHA_CHECK(shape_ok, "out: expected shape ", shape_str(out_shape), ", got ",
+        bool shape_ok = result.ndim() == s.rank;
+        for (int i = 0; shape_ok && i < s.rank; ++i) shape_ok = result.shape(i) == out_shape[i];
+        MHA_CHECK(shape_ok, "out: expected shape ",
+                  shape_str(std::vector<int64_t>(out_shape, out_shape + s.rank)), ", got ",
                   shape_str(result));
         MHA_CHECK(result.flags() & py::array::c_style, "out: must be C-contiguous");
         MHA_CHECK(result.writeable(), "out: must be writeable");
