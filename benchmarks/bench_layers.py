@@ -169,7 +169,8 @@ class _Timed:
     """Per-category wall time of what the layers call, for the time split.
 
     Wraps, for the duration of a ``with`` block, the names ``mha_ext.layers`` calls: its
-    ``np.matmul`` (every projection / FFN GEMM, NumPy BLAS), ``attention`` (the native kernel),
+    ``np.matmul`` (every projection / FFN GEMM, NumPy BLAS), ``attention`` and
+    ``attention_varlen`` (the native kernel),
     the native elementwise kernels ``_bias_act`` / ``_add_norm`` and ``Packing``'s
     pack/unpack/constructor. None of the wrapped functions calls another wrapped one, so the
     categories don't overlap; "other" is the rest of the wall time (Python glue, the
@@ -209,6 +210,7 @@ class _Timed:
         self.undo.append((L, "np", L.np))
         L.np = proxy
         self._wrap(L, "attention", "attention")
+        self._wrap(L, "attention_varlen", "attention")
         self._wrap(L, "_bias_act", "elementwise")
         self._wrap(L, "_add_norm", "elementwise")
         for m in ("pack", "unpack", "__init__"):

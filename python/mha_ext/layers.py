@@ -58,6 +58,7 @@ from ._nn import (
     layer_norm,
 )
 from ._scores import Additive, Concat, General
+from .serving import attention_varlen
 
 __all__ = [
     "MultiHeadAttention",
@@ -704,7 +705,7 @@ class MultiHeadAttention(_Scratch):
 
         Returns ``o @ w_o`` **without** ``b_o`` (the caller fuses it into its Add & Norm), in a
         per-thread scratch buffer. Sequence b attends from rows ``pq.offsets[b]:[b+1]`` to rows
-        ``pkv.offsets[b]:[b+1]``, one native call per sequence writing straight into the
+        ``pkv.offsets[b]:[b+1]``, in one ``attention_varlen`` call writing straight into the
         packed output; ``causal`` (self-attention only) hides later real tokens. A sequence
         with no real key gives zeros.
         """
@@ -714,24 +715,19 @@ class MultiHeadAttention(_Scratch):
         k = _matmul_bias(xkv, self.w_k, self.b_k, self._buf("k", (nk, hk * hd), dt))
         v = _matmul_bias(xkv, self.w_v, self.b_v, self._buf("v", (nk, hk * hd), dt))
         o = self._buf("o", (nq, h * hd), dt)
-        causal_arg = "top_left" if causal else False
-        oq, ok = pq.offsets, pkv.offsets
-        for b in range(pq.batch):
-            q0, q1, k0, k1 = int(oq[b]), int(oq[b + 1]), int(ok[b]), int(ok[b + 1])
-            if q1 == q0:
-                continue
-            if k1 == k0:
-                o[q0:q1] = 0
-                continue
-            attention(
-                q[q0:q1].reshape(1, q1 - q0, h, hd),
-                k[k0:k1].reshape(1, k1 - k0, hk, hd),
-                v[k0:k1].reshape(1, k1 - k0, hk, hd),
-                causal=causal_arg,
-                score=self.score,
-                layout="blhd",
-                out=o[q0:q1].reshape(1, q1 - q0, h, hd),
-            )
+        # One native call over every sequence (its work list spans them all, heaviest first).
+        # Causal self-attention has Lq_b = Lk_b, where varlen's bottom-right alignment is the
+        # layers' top-left; a sequence with no real key gives zeros.
+        attention_varlen(
+            q.reshape(nq, h, hd),
+            k.reshape(nk, hk, hd),
+            v.reshape(nk, hk, hd),
+            pq.offsets,
+            pkv.offsets,
+            causal=bool(causal),
+            score=self.score,
+            out=o.reshape(nq, h, hd),
+        )
         return np.matmul(o, self.w_o, out=self._buf("y", (nq, self.embed_dim), dt))
 
 
