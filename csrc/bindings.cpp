@@ -973,8 +973,9 @@ py::tuple attention_backward_py(py::object dout, py::object q, py::object k, py:
                                 py::object bias, int causal, long long window_left,
                                 long long window_right, py::object key_lengths,
                                 py::object scale, long long score, py::object score_wq,
-                                py::object score_wk, py::object score_w, bool blhd,
-                                int device, py::object num_threads, bool return_dbias) {
+                                py::object score_wk, py::object score_w, py::object alibi,
+                                py::object softcap, bool blhd, int device,
+                                py::object num_threads, bool return_dbias) {
     BackwardParams p{};
     Inputs in;
     auto as_array = [](py::object o, const char* name) {
@@ -988,6 +989,7 @@ py::tuple attention_backward_py(py::object dout, py::object q, py::object k, py:
     const QkvShape s = fill_qkv(p, in, as_array(q, "q"), as_array(k, "k"), as_array(v, "v"), blhd);
     fill_score(p, in, s, score, score_wq, score_wk, score_w, scale);
     fill_masks(p, in, s, mask, bias, key_lengths);
+    fill_alibi_softcap(p, in, s, alibi, softcap);
     p.causal = static_cast<Causal>(causal);
     p.window_left = window_left;
     p.window_right = window_right;
@@ -1455,6 +1457,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("key_lengths") = py::none(), py::arg("scale") = py::none(),
           py::arg("score") = 0, py::arg("score_wq") = py::none(),
           py::arg("score_wk") = py::none(), py::arg("score_w") = py::none(),
+          py::arg("alibi_slopes") = py::none(), py::arg("softcap") = py::none(),
           py::arg("blhd") = false, py::arg("device") = 0, py::arg("num_threads") = py::none(),
           py::arg("return_dbias") = false,
           "The backward pass behind mha_ext.attention_backward: (dq, dk, dv, dscore, dbias).");

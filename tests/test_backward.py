@@ -13,7 +13,7 @@ import ml_dtypes
 import mha_ext
 import numpy as np
 import pytest
-from reference import from_bhld, to_bhld, visible_mask
+from reference import alibi_bias, from_bhld, to_bhld, visible_mask
 
 torch = pytest.importorskip("torch")
 
@@ -29,9 +29,10 @@ def _t(x, dtype=torch.float64):
 
 def torch_grads(dout, q, k, v, *, mask=None, bias=None, causal=False, window=None,
                 key_lengths=None, scale=None, score=None, layout="bhld", dtype=torch.float64,
-                num_threads=None):
+                num_threads=None, alibi_slopes=None, softcap=None):
     """(out, dq, dk, dv, dscore, dbias) by autograd on the explicit math: dscore is dW
-    (General), [dW_q, dW_k, dw] (Additive), [dW, dw] (Concat) or None."""
+    (General), [dW_q, dW_k, dw] (Additive), [dW, dw] (Concat) or None. The scores are
+    scaled, capped (softcap * tanh(s / softcap)), then ALiBi and the bias are added."""
     rank = np.ndim(q)
     q4, k4, v4, g4 = (to_bhld(np.asarray(x), layout) for x in (q, k, v, dout))
     B, Hq, Lq, D = q4.shape
@@ -57,6 +58,11 @@ def torch_grads(dout, q, k, v, *, mask=None, bias=None, causal=False, window=Non
     if scale is None:
         scale = 1 / np.sqrt(D) if score in (None, "scaled_dot") else 1.0
     s = s * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + torch.tensor(alibi_bias(alibi_slopes, B, Hq, Lq, Lk, causal=causal,
+                                        key_lengths=key_lengths), dtype=dtype)
     tb = None
     if bias is not None:
         tb = _t(bias, dtype).requires_grad_()
@@ -116,6 +122,15 @@ CASES = [
     (2, 2, 1, 30, 50, 16, 16, {"bias": "random", "mask": "random"}),
     (1, 2, 2, 20, 30, 16, 16, {"score": "dot", "scale": 0.3}),
     (1, 2, 1, 129, 131, 64, 64, {"causal": True, "num_threads": 2}),
+    # ALiBi (constant slopes, no gradient) and softcap (tanh differentiated)
+    (2, 4, 2, 70, 90, 32, 32, {"alibi_slopes": "random", "causal": True}),
+    (2, 2, 2, 40, 67, 16, 16, {"alibi_slopes": "per_batch", "key_lengths": [67, 20],
+                               "causal": "top_left"}),
+    (1, 2, 2, 65, 70, 24, 24, {"softcap": 2.0, "window": (9, 4)}),
+    (2, 2, 1, 30, 50, 16, 16, {"softcap": 1.5, "alibi_slopes": "random", "bias": "random",
+                               "mask": "random"}),
+    (1, 2, 1, 129, 131, 64, 64, {"softcap": 3.0, "alibi_slopes": "random", "causal": True,
+                                 "num_threads": 2}),
 ]
 
 
@@ -125,6 +140,10 @@ def _options(rng, B, Hq, Lq, Lk, opts):
         opts["mask"] = rng.random((B, 1, Lq, Lk)) < 0.7
     if opts.get("bias") == "random":
         opts["bias"] = rng.standard_normal((Hq, Lq, Lk)).astype(np.float32)
+    if opts.get("alibi_slopes") == "random":
+        opts["alibi_slopes"] = rng.uniform(0.01, 0.5, Hq)
+    elif opts.get("alibi_slopes") == "per_batch":
+        opts["alibi_slopes"] = rng.uniform(0.01, 0.5, (B, Hq))
     return opts
 
 
@@ -444,3 +463,135 @@ def test_dbias_with_key_splits_and_threads(rng, bias_shape):
     ref = torch_grads(dout, q, k, v, bias=bias, causal=True)
     for got, want in zip([*grads, dbias], [ref[1], ref[2], ref[3], ref[5]]):
         assert rel_err(got, want) < 2e-6
+
+
+# ------------------------------------------------------------------------------------------
+# ALiBi and softcap: the forward's score terms, differentiated (softcap) or constant (ALiBi).
+
+
+def _alibi_softcap_kw(rng, Hq):
+    return {"alibi_slopes": rng.uniform(0.05, 0.6, Hq), "softcap": 1.7}
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_softcap_low_precision_2x_rule(rng, dtype, causal):
+    q, k, v = inputs(rng, 1, 4, 2, 90, 110, 64, 64, dtype)
+    kw = {"causal": causal, **_alibi_softcap_kw(rng, 4)}
+    out, lse = mha_ext.attention(q, k, v, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dq, dk, dv = mha_ext.attention_backward(dout, q, k, v, out, lse, **kw)
+    ref = torch_grads(dout, q, k, v, **kw)
+    tdt = torch.float16 if dtype == np.float16 else torch.bfloat16
+    naive = torch_grads(dout, q, k, v, dtype=tdt, **kw)
+    for i, got in ((1, dq), (2, dk), (3, dv)):
+        assert got.dtype == np.dtype(dtype)
+        ours = np.abs(got.astype(np.float64) - ref[i]).max()
+        theirs = np.abs(naive[i] - ref[i]).max()
+        assert ours <= 2 * theirs + 1e-6, (i, ours, theirs)
+
+
+def test_alibi_softcap_every_simd_path(rng, simd):
+    q, k, v = inputs(rng, 2, 4, 2, 75, 83, 40, 24)
+    kw = {"causal": True, "window": (30, None), "key_lengths": [83, 50],
+          "alibi_slopes": rng.uniform(0.05, 0.6, (2, 4)), "softcap": 2.5}
+    _, _, _, (dq, dk, dv), ref = run_both(rng, q, k, v, **kw)
+    for name, got, want in (("dq", dq, ref[1]), ("dk", dk, ref[2]), ("dv", dv, ref[3])):
+        assert rel_err(got, want) < 2e-6, (simd, name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("score", ["general", "additive", "concat"])
+def test_alibi_softcap_with_scores_and_dbias(rng, layout, score):
+    B, Hq, Hk, Lq, Lk, D = 2, 2, 1, 37, 41, 12
+    q, k, v = inputs(rng, B, Hq, Hk, Lq, Lk, D, 8, layout=layout)
+    if score == "general":
+        sc = mha_ext.General(rng.standard_normal((D, D)) * 0.3)
+    elif score == "additive":
+        sc = mha_ext.Additive(rng.standard_normal((D, 9)) * 0.3, rng.standard_normal((D, 9)) * 0.3,
+                              rng.standard_normal(9))
+    else:
+        sc = mha_ext.Concat(rng.standard_normal((2 * D, 9)) * 0.3, rng.standard_normal(9))
+    bias = rng.standard_normal((Hq, Lq, Lk)).astype(np.float32)
+    kw = {"score": sc, "bias": bias, "causal": True, "layout": layout,
+          **_alibi_softcap_kw(rng, Hq)}
+    out, lse = mha_ext.attention(q, k, v, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dq, dk, dv, dscore, dbias = mha_ext.attention_backward(dout, q, k, v, out, lse,
+                                                           return_dbias=True, **kw)
+    ref = torch_grads(dout, q, k, v, **kw)
+    got = {"general": lambda d: [d.W], "additive": lambda d: [d.W_q, d.W_k, d.w],
+           "concat": lambda d: [d.W, d.w]}[score](dscore)
+    want = [ref[4]] if score == "general" else ref[4]
+    for name, a, b in [("dq", dq, ref[1]), ("dk", dk, ref[2]), ("dv", dv, ref[3]),
+                       ("dbias", dbias, ref[5]), *(("dscore", x, y) for x, y in zip(got, want))]:
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < (1e-5 if name == "dscore" else 3e-6), (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("score", [None, "additive"])
+def test_alibi_softcap_finite_differences(rng, score):
+    q, k, v = inputs(rng, 2, 2, 1, 5, 6, 4, 3, np.float64)
+    bias = rng.standard_normal((5, 6))
+    params = ([rng.standard_normal((4, 3)), rng.standard_normal((4, 3)), rng.standard_normal(3)]
+              if score else [])
+    kw = {"causal": True, "key_lengths": [6, 4], "alibi_slopes": rng.uniform(0.1, 0.9, (2, 2)),
+          "softcap": 0.8}
+
+    def make():
+        return mha_ext.Additive(*params) if score else None
+
+    out, lse = mha_ext.attention(q, k, v, score=make(), bias=bias, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    grads = mha_ext.attention_backward(dout, q, k, v, out, lse, score=make(), bias=bias,
+                                       return_dbias=True, **kw)
+    targets = [("q", q, grads[0]), ("k", k, grads[1]), ("v", v, grads[2]),
+               ("bias", bias, grads[-1])]
+    if score:
+        targets += list(zip(["W_q", "W_k", "w"], params, [grads[3].W_q, grads[3].W_k, grads[3].w]))
+
+    def loss():
+        return float((mha_ext.attention(q, k, v, score=make(), bias=bias, **kw) * dout).sum())
+
+    eps = 1e-6
+    for name, x, g in targets:
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + eps
+            up = loss()
+            x[idx] = old - eps
+            down = loss()
+            x[idx] = old
+            num[idx] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_alibi_softcap_empty_rows_get_zero(rng):
+    q, k, v = inputs(rng, 2, 2, 2, 9, 12, 8, 8)
+    kw = {"key_lengths": [12, 0], "causal": True, "alibi_slopes": [0.3, 0.1], "softcap": 1.0}
+    _, _, _, (dq, dk, dv), ref = run_both(rng, q, k, v, **kw)
+    assert not dq[1].any() and not dk[1].any() and not dv[1].any()
+    for got, want in ((dq, ref[1]), (dk, ref[2]), (dv, ref[3])):
+        assert rel_err(got, want) < 2e-6
+
+
+def test_alibi_softcap_bad_inputs_name_the_argument(rng):
+    q, k, v = inputs(rng, 2, 2, 2, 8, 9, 16, 16)
+    out, lse = mha_ext.attention(q, k, v, return_lse=True)
+    bw = mha_ext.attention_backward
+    with pytest.raises(ValueError, match="alibi_slopes: expected shape"):
+        bw(out, q, k, v, out, lse, alibi_slopes=np.ones(3))
+    with pytest.raises(ValueError, match="alibi_slopes: expected shape"):
+        bw(out, q, k, v, out, lse, alibi_slopes=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        bw(out, q, k, v, out, lse, alibi_slopes=np.array([np.nan, 1.0]))
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        bw(out, q, k, v, out, lse, alibi_slopes=np.array(["a", "b"]))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            bw(out, q, k, v, out, lse, softcap=bad)
+    with pytest.raises(TypeError, match="softcap"):
+        bw(out, q, k, v, out, lse, softcap="1")
+    with pytest.raises(TypeError, match="softcap"):
+        bw(out, q, k, v, out, lse, softcap=True)

@@ -2,8 +2,8 @@
 
 Like test_fuzz_diff.py for the forward: random ranks, layouts, GQA groups, lengths that cross
 tiles, odd head dims, causal alignments, windows, key_lengths, bool masks and broadcast
-biases (with dbias), every score (dot, scaled-dot, General, Additive, Concat), float32 and
-float64. A fixed
+biases (with dbias), ALiBi slopes ((Hq,) or (B, Hq)) and softcap, every score (dot,
+scaled-dot, General, Additive, Concat), float32 and float64. A fixed
 example sequence by default (MHA_EXT_FUZZ_RANDOM=1 draws fresh ones).
 """
 
@@ -58,6 +58,8 @@ def problems(draw):
                                                             max_size=B))) if rank == 4 else None,
         "mask": draw(st.sampled_from([None, "keys", "full"])),
         "bias": draw(st.sampled_from([None, "lk", "full"])),
+        "alibi": draw(st.sampled_from([None, "heads", "batch"])),
+        "softcap": draw(st.one_of(st.none(), st.floats(0.3, 20.0))),
         "seed": draw(st.integers(0, 2**31)),
     }
     return p
@@ -88,6 +90,10 @@ def test_backward_matches_autograd(p):
         kw["bias"] = rng.standard_normal(Lk).astype(np.float32)
     elif p["bias"] == "full":
         kw["bias"] = rng.standard_normal((*lead, Lq, Lk)).astype(np.float32)
+    if p["alibi"] is not None:
+        kw["alibi_slopes"] = rng.uniform(0.0, 1.0, (B, Hq) if p["alibi"] == "batch" else Hq)
+    if p["softcap"] is not None:
+        kw["softcap"] = p["softcap"]
     A = 1 + p["seed"] % 13
     if p["score"] == "general":
         kw["score"] = mha_ext.General(rng.standard_normal((D, Dk)) / np.sqrt(D))

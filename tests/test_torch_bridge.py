@@ -52,10 +52,51 @@ def test_gradcheck_bias_mask_general():
     assert torch.autograd.gradcheck(f, (q, k, v, bias, W))
 
 
+@pytest.mark.parametrize("causal", [False, True, "top_left"])
+def test_gradcheck_alibi_softcap(causal):
+    q, k, v = _qkv(2, 2, 5, 4, hq=4)
+    g = torch.Generator().manual_seed(2)
+    slopes = torch.rand(2, 4, dtype=torch.float64, generator=g).requires_grad_()
+    bias = torch.randn(4, 5, 6, dtype=torch.float64, generator=g).requires_grad_()
+
+    def f(q, k, v, bias):
+        return mt.attention(q, k, v, bias=bias, causal=causal, alibi_slopes=slopes,
+                            softcap=0.9, key_lengths=torch.tensor([6, 4]))
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+    # The slopes are constants: no gradient reaches them.
+    mt.attention(q, k, v, alibi_slopes=slopes, softcap=0.9).sum().backward()
+    assert slopes.grad is None
+
+
+def test_alibi_softcap_match_the_explicit_math():
+    q, k, v = _qkv(1, 2, 7, 8, dtype=torch.float32)
+    slopes = torch.tensor([0.3, 0.1])
+    out = mt.attention(q, k, v, causal=True, alibi_slopes=slopes, softcap=1.5)
+    out.sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = q2 @ k2.transpose(-1, -2) / np.sqrt(8)
+    s = 1.5 * torch.tanh(s / 1.5)
+    i = torch.arange(7)[:, None] + 1  # bottom-right: the diagonal is i + Lk - Lq
+    j = torch.arange(8)[None, :]
+    s = s - slopes.double()[None, :, None, None] * (i - j).abs()
+    s = s.masked_fill(j > i, -torch.inf)
+    ref = torch.softmax(s, -1) @ v2
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
 def test_opcheck():
     q, k, v = _qkv(1, 2, 6, 8, dtype=torch.float32)
     args = (q, k, v, None, None, "bottom_right", -1, -1, None, None, "scaled_dot", None,
-            "bhld", None)
+            None, None, "bhld", None)
+    torch.library.opcheck(torch.ops.mha_ext.attention.default, args)
+    slopes = torch.tensor([0.25, 0.5])
+    args = (q, k, v, None, None, "bottom_right", -1, -1, None, None, "scaled_dot", None,
+            slopes, 2.0, "bhld", None)
     torch.library.opcheck(torch.ops.mha_ext.attention.default, args)
 
 
@@ -127,3 +168,9 @@ def test_bad_inputs():
         mt.attention(q, k, v, causal="diagonal")
     with pytest.raises(ValueError, match="score"):
         mt.attention(q, k, v, score="additive")
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        mt.attention(q, k, v, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="softcap"):
+        mt.attention(q, k, v, softcap=0.0)
+    with pytest.raises(TypeError, match="softcap"):
+        mt.attention(q, k, v, softcap="1")

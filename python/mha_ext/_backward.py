@@ -48,6 +48,8 @@ def attention_backward(
     key_lengths: ArrayLike | None = None,
     scale: float | None = None,
     score: Score = None,
+    alibi_slopes: ArrayLike | None = None,
+    softcap: float | None = None,
     return_dbias: bool = False,
     layout: str = "bhld",
     device: str = "cpu",
@@ -69,8 +71,10 @@ def attention_backward(
     out, lse : array
         The forward's output and lse (``attention(..., return_lse=True)``) for exactly these
         inputs and options; a shape or dtype that does not match q, k, v is an error.
-    mask, bias, causal, window, key_lengths, scale, score, layout
-        The forward's options, as passed to :func:`attention`.
+    mask, bias, causal, window, key_lengths, scale, score, alibi_slopes, softcap, layout
+        The forward's options, as passed to :func:`attention`. The softcap's tanh is
+        differentiated (``dS * (1 - tanh^2)`` before the cap); ALiBi slopes are constants
+        and get no gradient; ``dbias`` is the gradient after the cap, where the bias is added.
     return_dbias : bool, default False
         Also return the gradient of ``bias``, with the shape of ``bias`` (summed over its
         broadcast axes), float32 (float64 for float64 inputs).
@@ -116,6 +120,8 @@ def attention_backward(
         bias = _array_like(bias, "bias")
     if key_lengths is not None:
         key_lengths = _array_like(key_lengths, "key_lengths")
+    if alibi_slopes is not None:
+        alibi_slopes = _array_like(alibi_slopes, "alibi_slopes")
     try:
         causal_code = _CAUSAL[causal]
     except (KeyError, TypeError):
@@ -139,7 +145,7 @@ def attention_backward(
     dbias: Any
     dq, dk, dv, dscore, dbias = _core.attention_backward(
         dout, q, k, v, out, lse, mask, bias, causal_code, left, right, key_lengths, scale,
-        kind, w1, w2, w3, layout == "blhd", dev, num_threads,
+        kind, w1, w2, w3, alibi_slopes, softcap, layout == "blhd", dev, num_threads,
         _flag(return_dbias, "return_dbias"),
     )
     grads: list[Union[np.ndarray, General, Additive, Concat]] = [dq, dk, dv]

@@ -117,6 +117,8 @@ def attention_backward(
     score_wq: Any = None,
     score_wk: Any = None,
     score_w: Any = None,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
     blhd: bool = False,
     device: int = 0,
     num_threads: int | None = None,

@@ -12,6 +12,7 @@ Importing ``mha_ext`` never imports torch: only ``import mha_ext.torch`` does.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -87,19 +88,21 @@ def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], causal: str, window_left: int, window_right: int,
     key_lengths: Optional[torch.Tensor], scale: Optional[float], score: str,
-    W: Optional[torch.Tensor], layout: str, num_threads: Optional[int],
+    W: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softcap: Optional[float],
+    layout: str, num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _attention.attention(
         _np(q), _np(k), _np(v), mask=_np(mask), bias=_np(bias), causal=_causal_arg(causal),
         window=(window_left, window_right), key_lengths=_np(key_lengths), scale=scale,
-        score=_score_arg(score, W), return_lse=True, layout=layout, num_threads=num_threads,
+        score=_score_arg(score, W), alibi_slopes=_np(alibi_slopes), softcap=softcap,
+        return_lse=True, layout=layout, num_threads=num_threads,
     )
     return _torch(out), _torch(lse)
 
 
 @_attention_op.register_fake
 def _(q, k, v, mask, bias, causal, window_left, window_right, key_lengths, scale, score, W,
-      layout, num_threads):
+      alibi_slopes, softcap, layout, num_threads):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(_out_shape(q, v)), q.new_empty(_lse_shape(q, layout), dtype=lse_dtype)
 
@@ -109,13 +112,15 @@ def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: str,
     window_left: int, window_right: int, key_lengths: Optional[torch.Tensor],
-    scale: Optional[float], score: str, W: Optional[torch.Tensor], layout: str,
+    scale: Optional[float], score: str, W: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor], softcap: Optional[float], layout: str,
     num_threads: Optional[int], need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backward.attention_backward(
         _np(dout), _np(q), _np(k), _np(v), _np(out), _np(lse), mask=_np(mask), bias=_np(bias),
         causal=_causal_arg(causal), window=(window_left, window_right),
         key_lengths=_np(key_lengths), scale=scale, score=_score_arg(score, W),
+        alibi_slopes=_np(alibi_slopes), softcap=softcap,
         return_dbias=need_dbias, layout=layout, num_threads=num_threads,
     )
     dq, dk, dv = (_torch(g) for g in grads[:3])
@@ -131,25 +136,26 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, mask, bias, causal, window_left, window_right, key_lengths,
-      scale, score, W, layout, num_threads, need_dbias):
+      scale, score, W, alibi_slopes, softcap, layout, num_threads, need_dbias):
     dW = torch.empty_like(W) if score == "general" else q.new_empty(0)
     dbias = torch.empty_like(bias) if need_dbias else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dW, dbias
 
 
 _OPTION_NAMES = ("mask", "bias", "causal", "window_left", "window_right", "key_lengths",
-                 "scale", "score", "W", "layout", "num_threads")
+                 "scale", "score", "W", "alibi_slopes", "softcap", "layout", "num_threads")
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     ctx.options = dict(zip(_OPTION_NAMES, inputs[3:]))
     ctx.save_for_backward(q, k, v, output[0], output[1], ctx.options["mask"],
-                          ctx.options["bias"], ctx.options["key_lengths"], ctx.options["W"])
+                          ctx.options["bias"], ctx.options["key_lengths"], ctx.options["W"],
+                          ctx.options["alibi_slopes"])
 
 
 def _backward_fn(ctx, dout, dlse):
-    q, k, v, out, lse, mask, bias, key_lengths, W = ctx.saved_tensors
+    q, k, v, out, lse, mask, bias, key_lengths, W, alibi_slopes = ctx.saved_tensors
     o = ctx.options
     if dout is None:
         dout = torch.zeros_like(out)
@@ -157,10 +163,11 @@ def _backward_fn(ctx, dout, dlse):
     dq, dk, dv, dW, dbias = _attention_backward_op(
         dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, mask, bias,
         o["causal"], o["window_left"], o["window_right"], key_lengths, o["scale"], o["score"],
-        W, o["layout"], o["num_threads"], need_dbias,
+        W, alibi_slopes, o["softcap"], o["layout"], o["num_threads"], need_dbias,
     )
+    # No gradient for the ALiBi slopes (constants) nor the non-tensor options.
     return (dq, dk, dv, None, dbias if need_dbias else None, None, None, None, None, None,
-            None, dW if o["score"] == "general" else None, None, None)
+            None, dW if o["score"] == "general" else None, None, None, None, None)
 
 
 _attention_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -178,6 +185,8 @@ def attention(
     key_lengths: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     score: Union[None, str, General] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
     layout: str = "bhld",
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
@@ -187,6 +196,9 @@ def attention(
     attend, bottom-right ``causal=True``, ``layout="bhld"`` or ``"blhd"``); ``score`` is
     ``None``/``"scaled_dot"``, ``"dot"`` or :class:`General` with a trainable tensor.
     Gradients flow to q, k, v, ``bias`` (summed over its broadcast axes) and ``General.W``.
+    ``alibi_slopes`` ((Hq,) or (B, Hq)) and ``softcap`` (``> 0``) act as in the forward; the
+    softcap's tanh is differentiated, while the slopes are constants: they get no gradient
+    (their ``.grad`` stays None even when they require grad).
     float32, float64, float16 and bfloat16 tensors; the result has q's dtype.
 
     Examples
@@ -223,7 +235,15 @@ def attention(
         mask = torch.as_tensor(np.asarray(mask))
     if key_lengths is not None and not isinstance(key_lengths, torch.Tensor):
         key_lengths = torch.as_tensor(np.asarray(key_lengths))
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            alibi_slopes = torch.as_tensor(np.asarray(alibi_slopes))
+        alibi_slopes = alibi_slopes.detach()  # constants: no gradient
+    if softcap is not None and (isinstance(softcap, bool) or
+                                not isinstance(softcap, numbers.Real)):
+        raise TypeError(f"softcap: expected a float > 0 or None, got {type(softcap).__name__}")
     out, _lse = _attention_op(q, k, v, mask, bias, causal_name, left, right, key_lengths,
-                              None if scale is None else float(scale), score_name, W, layout,
-                              num_threads)
+                              None if scale is None else float(scale), score_name, W,
+                              alibi_slopes, None if softcap is None else float(softcap),
+                              layout, num_threads)
     return out

@@ -5,9 +5,12 @@
 //                      first (one pass, (B, Hq, Lq) accum_t). Then tasks own the key blocks
 //                      of one (batch, key head), walk them in order and, for every query
 //                      head of the group and every query tile that can see the block,
-//                      recompute P^T = exp(S^T - lse) (nothing of size Lq x Lk exists) and
+//                      recompute P^T = exp(S^T - lse) (nothing of size Lq x Lk exists;
+//                      S as the forward: softcap, then bias / ALiBi, then masks) and
 //                        dV  += P^T dO           dP^T = V dO^T
 //                        dS^T = P^T (dP^T - D)   (the gradient of the scores, = dbias)
+//                        softcap: dS^T *= 1 - tanh^2 (the score before the cap); ALiBi's
+//                        slopes are constants (no gradient)
 //                        dK  += dS^T (scale Q')  dQ' += scale dS K
 //                      with the register-blocked GEMM of micro.h; Q' = Q (dot) or Q W
 //                      (General), and dq = dQ' W^T, dW = sum_rows Q^T dQ' at the end.
@@ -64,6 +67,10 @@ struct BwdBuffers {
     int32_t* lo;      // (bq)
     int32_t* hi;      // (bq)
     KeyRange* range;  // (bq)
+    int64_t* diag;    // (bq)        ALiBi: each row's diagonal (visibility.h)
+    A* slope;         // (bq)        ALiBi: each row's slope
+    A* alibi_rel;     // (bq)        ALiBi: diag - j0 of the current block
+    A* cap_grad;      // (bk, bq)    softcap: 1 - tanh^2 of each pair, or nullptr
     A* dq_group;  // (group * Lq, dkp) this task's dQ' (one task per group), or nullptr
     A* dw;        // (dq, dkp)  General / additive: this thread's share of dW (dW_q)
     A* k_raw;     // (bk, dk)   additive: the key rows (K' = K W_k is in k_rows)
@@ -111,6 +118,8 @@ struct Backward {
         n += 2 * round_up(bk * bq * a, pad) + 2 * round_up(nt * bq * a, pad) +
              round_up(nt * 4, pad);
         n += 2 * round_up(bq * 4, pad) + round_up(bq * static_cast<int64_t>(sizeof(KeyRange)), pad);
+        n += round_up(bq * 8, pad) + 2 * round_up(bq * a, pad);  // diag, slope, alibi_rel
+        if (p.softcap > 0) n += round_up(bk * bq * a, pad);
         if (own_dq) n += round_up(group * p.seqlen_q * dkp * a, pad);
         if (p.score != Score::kDot) n += round_up(dq * dkp * a, pad);
         if (additive) n += round_up(bk * dk * a, pad) + round_up(dk * dkp * a, pad) + round_up(dkp * a, pad);
@@ -137,6 +146,10 @@ struct Backward {
         b.lo = sc.take<int32_t>(bq);
         b.hi = sc.take<int32_t>(bq);
         b.range = sc.take<KeyRange>(bq);
+        b.diag = sc.take<int64_t>(bq);
+        b.slope = sc.take<A>(bq);
+        b.alibi_rel = sc.take<A>(bq);
+        b.cap_grad = p.softcap > 0 ? sc.take<A>(bk * bq) : nullptr;
         b.dq_group = own_dq ? sc.take<A>(group * p.seqlen_q * dkp) : nullptr;
         b.dw = b.k_raw = b.dwk = b.dwv = nullptr;
         if (p.score != Score::kDot) {
@@ -160,6 +173,9 @@ struct Backward {
         t.lo = b.lo;
         t.hi = b.hi;
         t.range = b.range;
+        t.diag = b.diag;
+        t.slope = b.slope;
+        t.alibi_rel = b.alibi_rel;
         return t;
     }
 
@@ -299,6 +315,13 @@ struct Backward {
             if (rr.lo > rr.hi) rr = {lk, -1};
             buf.range[r] = rr;
         }
+        if (p.alibi_slopes != nullptr) {
+            const A slope = alibi_slope<A>(p, b, h);
+            for (int64_t r = 0; r < nq; ++r) {
+                buf.diag[r] = diagonal(p, i0 + r, lk);
+                buf.slope[r] = slope;
+            }
+        }
         const uint8_t* mask = p.mask == nullptr ? nullptr
                                                 : p.mask + b * p.mask_stride_batch +
                                                       h * p.mask_stride_head +
@@ -314,8 +337,8 @@ struct Backward {
         using V = vec_t<A>;
         const V neg_inf = vbroadcast<A>(-std::numeric_limits<A>::infinity());
 
-        // S^T (nk x nqc) = K Q'^T (additive: scale w . tanh(q'_r + k'_j)), bias added,
-        // hidden pairs -inf.
+        // S^T (nk x nqc) = K Q'^T (additive: scale w . tanh(q'_r + k'_j)), capped, bias and
+        // ALiBi added, hidden pairs -inf.
         if (additive) {
             for (int64_t j = 0; j < nk; ++j) {
                 const A* kp = buf.k_rows + j * dkp;
@@ -328,7 +351,18 @@ struct Backward {
         } else {
             gemm<A, false>(nk, nqc, dk, buf.k_rows, dkp, 1, t.qt, nqc, buf.st, nqc);
         }
-        bias_and_hide(p, tv, blk, j0, nqc, 0, nq, nk, mask, bias);
+        if (buf.cap_grad != nullptr) {
+            // As the forward: s = cap tanh(s / cap); d(capped)/ds = 1 - tanh^2 kept per pair.
+            const V cap = vbroadcast<A>(static_cast<A>(p.softcap));
+            const V inv_cap = vbroadcast<A>(A(1) / static_cast<A>(p.softcap));
+            const V one = vbroadcast<A>(A(1));
+            for (int64_t x = 0; x < nk * nqc; x += kW) {
+                const V th = vtanh(vload(buf.st + x) * inv_cap);
+                vstore(buf.st + x, th * cap);
+                vstore(buf.cap_grad + x, one - th * th);
+            }
+        }
+        bias_and_hide(p, tv, blk, j0, nqc, 0, nq, nk, mask, bias, false);
         // P^T = exp(S^T - lse), exactly 0 where hidden.
         for (int64_t j = 0; j < nk; ++j) {
             A* sj = buf.st + j * nqc;
@@ -350,7 +384,15 @@ struct Backward {
                 vstore(dj + c, pv == V{} ? V{} : ds);
             }
         }
-        if (p.dbias != nullptr) add_dbias(buf, b, h, i0, nq, nqc, j0, nk);
+        if (p.dbias != nullptr) add_dbias(buf, b, h, i0, nq, nqc, j0, nk);  // dS after the cap
+        if (buf.cap_grad != nullptr) {
+            // The gradient of the score before the cap: dS (1 - tanh^2); hidden pairs stay 0.
+            for (int64_t x = 0; x < nk * nqc; x += kW) {
+                const V ds = vload(buf.dst + x);
+                const V g = ds * vload(buf.cap_grad + x);
+                vstore(buf.dst + x, ds == V{} ? V{} : g);
+            }
+        }
         const bool hidden = !blk.inside || blk.masked || p.bias != nullptr;
         if (additive) {
             if (hidden && !finite) {

@@ -49,12 +49,13 @@ TileBlock block_visibility(const AttentionParams& p, const TileBuffers<A>& buf, 
 // Adds the bias to S^T's columns [c0, r_end) (nk keys, ld nqc), then sets the pairs hidden
 // by causal / window / key_lengths or by the mask to -inf. The bias goes in before
 // hiding, so a hidden pair stays -inf whatever its bias (+inf). nqc = 1 is a plain row.
+// softcap = false skips the cap: the backward applies it itself (it keeps 1 - tanh^2).
 template <typename A>
 void bias_and_hide(const AttentionParams& p, const TileBuffers<A>& buf, const TileBlock& blk,
                    int64_t j0, int64_t nqc, int64_t c0, int64_t r_end, int64_t nk,
-                   const uint8_t* mask, const A* bias) {
+                   const uint8_t* mask, const A* bias, bool softcap = true) {
     A* st = buf.st;
-    if (p.softcap > 0) {  // before bias, ALiBi and masks; padding columns stay 0
+    if (softcap && p.softcap > 0) {  // before bias, ALiBi and masks; padding columns stay 0
         using V = vec_t<A>;
         constexpr int64_t kW = Vec<A>::kWidth;
         const A cap = static_cast<A>(p.softcap), inv_cap = A(1) / cap;
