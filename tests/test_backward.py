@@ -104,6 +104,20 @@ def run_both(rng, q, k, v, dtype=np.float32, **kw):
     return dout, out, lse, ours, ref
 
 
+def central_diff(loss, x, eps=1e-6):
+    """d loss / d x by float64 central differences, perturbing ``x`` in place entry by entry."""
+    num = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        up = loss()
+        x[idx] = old - eps
+        down = loss()
+        x[idx] = old
+        num[idx] = (up - down) / (2 * eps)
+    return num
+
+
 def rel_err(a, b):
     a = np.asarray(a, dtype=np.float64)
     scale = max(np.abs(b).max(), 1.0) if b.size else 1.0  # an all-zero gradient: absolute
@@ -305,17 +319,8 @@ def test_central_finite_differences(rng, general):
     if general:
         targets.append(("W", W, grads[3].W))
     targets.append(("bias", bias, grads[-1]))
-    eps = 1e-6
     for name, x, g in targets:
-        num = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            old = x[idx]
-            x[idx] = old + eps
-            up = _loss(q, k, v, dout, W, bias, **kw)
-            x[idx] = old - eps
-            down = _loss(q, k, v, dout, W, bias, **kw)
-            x[idx] = old
-            num[idx] = (up - down) / (2 * eps)
+        num = central_diff(lambda: _loss(q, k, v, dout, W, bias, **kw), x)
         np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=name)
 
 
@@ -391,18 +396,8 @@ def test_additive_finite_differences(rng, kind):
         o = mha_ext.attention(q, k, v, score=make(*params), **kw)
         return float((o * dout).sum())
 
-    eps = 1e-6
     for x, g in [(q, grads[0]), (k, grads[1]), (v, grads[2]), *zip(params, analytic)]:
-        num = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            old = x[idx]
-            x[idx] = old + eps
-            up = loss()
-            x[idx] = old - eps
-            down = loss()
-            x[idx] = old
-            num[idx] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(g, central_diff(loss, x), rtol=1e-6, atol=1e-8)
 
 
 _INTERRUPT_CHILD = """
@@ -553,18 +548,8 @@ def test_alibi_softcap_finite_differences(rng, score):
     def loss():
         return float((mha_ext.attention(q, k, v, score=make(), bias=bias, **kw) * dout).sum())
 
-    eps = 1e-6
     for name, x, g in targets:
-        num = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            old = x[idx]
-            x[idx] = old + eps
-            up = loss()
-            x[idx] = old - eps
-            down = loss()
-            x[idx] = old
-            num[idx] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(g, central_diff(loss, x), rtol=1e-6, atol=1e-8, err_msg=name)
 
 
 def test_alibi_softcap_empty_rows_get_zero(rng):
