@@ -292,6 +292,10 @@ def bench(out_dir: Path, warmup: int, reps: int, quick: bool) -> list[dict]:
                 configs.append(("forward", B, H, H, L, L, D, causal))
     for Lk in (8192, 32768):
         configs.append(("decode", 1, 32, 32, 1, Lk, 128, False))
+    # Short Lq, long Lk on the tensor-core path: few query-tile blocks, so the keys are
+    # split (gridDim.y) and merged by lse; also timed unsplit (MHA_EXT_CUDA_SPLITS=1).
+    for Lq, Lk in ((64, 32768), (256, 16384)):
+        configs.append(("split", 1, 8, 8, Lq, Lk, 128, False))
 
     for kind, B, Hq, Hk, Lq, Lk, D, causal in configs:
         q = rng.standard_normal((B, Hq, Lq, D), dtype=np.float32).astype(np.float16)
@@ -328,6 +332,8 @@ def bench(out_dir: Path, warmup: int, reps: int, quick: bool) -> list[dict]:
             except RuntimeError as e:
                 log(f"{name} unavailable for {kind} B={B} H={Hq} L={Lq}x{Lk} D={D}: {e}")
         samples = {"mha_ext_kernel": [], "mha_ext_wall": [], "mha_ext_copy": []}
+        if kind == "split":
+            samples["mha_ext_unsplit_kernel"] = []
         samples.update({n: [] for n in usable})
         for _ in range(warmup):
             mha_call()
@@ -340,6 +346,12 @@ def bench(out_dir: Path, warmup: int, reps: int, quick: bool) -> list[dict]:
             samples["mha_ext_kernel"].append(kern)
             if copy is not None:
                 samples["mha_ext_copy"].append(copy)
+            if kind == "split":
+                os.environ["MHA_EXT_CUDA_SPLITS"] = "1"
+                try:
+                    samples["mha_ext_unsplit_kernel"].append(mha_kernel_ms(mha_call)[1])
+                finally:
+                    del os.environ["MHA_EXT_CUDA_SPLITS"]
             for n, be in usable.items():
                 samples[n].append(torch_ms(lambda be=be: torch_call(be)))
         row = {
@@ -370,6 +382,7 @@ def bench(out_dir: Path, warmup: int, reps: int, quick: bool) -> list[dict]:
             f"{kind:7s} B={B:2d} H={Hq:2d} L={Lq}x{Lk} D={D} causal={causal!s:5s} "
             f"err={err:.1e} mha_ext kernel {row.get('mha_ext_kernel_ms', 0):.3f} ms "
             + " ".join(f"{n} {row.get(n + '_ms', float('nan')):.3f}" for n in usable)
+            + (f" unsplit {row['mha_ext_unsplit_kernel_ms']:.3f}" if kind == "split" else "")
         )
         del tq, tk, tv
         torch.cuda.empty_cache()

@@ -583,6 +583,90 @@ def test_forced_splits_with_masks(monkeypatch, rng, splits, dtype):
 
 
 # ------------------------------------------------------------------------------------------
+# Split over keys on the tensor-core path (short Lq, long Lk): chunks of whole key tiles on
+# gridDim.y, partials merged by lse.
+
+
+def _launches(log):
+    """(kernel name, grid) of every launch in the emulator's launch log."""
+    out = []
+    for line in log.read_text().splitlines():
+        head, name = line.split(" kernel=", 1)
+        fields = dict(f.split("=", 1) for f in head.split())
+        out.append((name, tuple(int(x) for x in fields["grid"].split(","))))
+    return out
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("splits", ["1", "3", "8"])
+def test_tc_split_over_keys(rng, tmp_path, monkeypatch, dtype, D, splits):
+    """Forced key chunks on the tensor-core path agree with the reference and with the
+    unsplit kernel, through causal, window, key_lengths, mask, bias, fully masked rows, a
+    chunk a row cannot see at all (empty partial), NaN values at hidden keys and lse."""
+    monkeypatch.delenv("MHA_EXT_CUDA_SIMT", raising=False)
+    monkeypatch.setenv("MHA_EXT_CUDA_SPLITS", splits)
+    log = tmp_path / "launches.txt"
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_LOG", str(log))
+    B, H, Lq, Lk = 2, 2, cpu_sized(150, 40), cpu_sized(2000, 530)  # Lk: not whole tiles
+    q = rand(rng, (B, H, Lq, D), dtype)
+    k = rand(rng, (B, H, Lk, D), dtype)
+    v = rand(rng, (B, H, Lk, D), dtype)
+    kl = np.array([Lk, Lk // 3 + 5])
+    mask = rng.random((Lq, Lk)) < 0.8
+    mask[3] = False  # a fully masked row
+    mask[:, 7] = False
+    bias = rand(rng, (H, 1, Lk), np.float32)
+    v_nan = v.copy()
+    v_nan[:, :, 7] = np.nan  # hidden from every row by the mask
+    for b in range(B):
+        v_nan[b, :, kl[b] :] = np.inf  # past key_lengths
+    kw = {"mask": mask, "bias": bias, "causal": True, "window": (Lk // 4, 0), "key_lengths": kl}
+    out, lse = mha_ext.attention(q, k, v_nan, device="cuda", return_lse=True, **kw)
+    clean = v.copy()
+    clean[:, :, 7] = 0
+    ref_out, _, ref_lse = ref_attention(q, k, clean, **kw)
+    check_out(out, ref_out, dtype, q, k, clean, **kw)
+    finite = ~np.isneginf(ref_lse)
+    assert np.array_equal(np.isneginf(lse), ~finite)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=2e-3, atol=2e-3)
+    if EMULATED:
+        # n chunks asked for: chunks of ceil(Lk / n) keys rounded up to whole 64-key tiles
+        chunk = -(-(-(-Lk // int(splits))) // 64) * 64
+        want = -(-Lk // chunk)
+        tc = [g for name, g in _launches(log) if "attention_tc_kernel" in name]
+        assert tc and all(g[1] == want for g in tc)
+        combined = any("attention_combine_kernel" in name for name, _ in _launches(log))
+        assert combined == (want > 1)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lambda d: np.dtype(d).name)
+def test_tc_splits_keys_when_blocks_are_few(rng, tmp_path, monkeypatch, dtype):
+    """Without the switch: 2 query-tile blocks against 108 emulated SMs and 1000 keys are cut
+    into 8 chunks of 128 keys (two tiles each); many blocks are not split."""
+    monkeypatch.delenv("MHA_EXT_CUDA_SIMT", raising=False)
+    monkeypatch.delenv("MHA_EXT_CUDA_SPLITS", raising=False)
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_SMS", "108")
+    log = tmp_path / "launches.txt"
+    monkeypatch.setenv("MHA_EXT_CUDA_EMU_LOG", str(log))
+    q = rand(rng, (1, 2, 20, 64), dtype)
+    k, v = (rand(rng, (1, 2, 1000, 64), dtype) for _ in range(2))
+    out, lse = mha_ext.attention(q, k, v, device="cuda", return_lse=True)
+    ref_out, _, ref_lse = ref_attention(q, k, v)
+    check_out(out, ref_out, dtype, q, k, v)
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-3, atol=2e-3)
+    if EMULATED:
+        grids = [g for name, g in _launches(log) if "attention_tc_kernel" in name]
+        assert grids == [(2, 8, 1)]
+        log.unlink()
+        q = rand(rng, (1, 2, 64 * 60, 64), dtype)  # 120 blocks: enough to fill the GPU
+        k, v = (rand(rng, (1, 2, 300, 64), dtype) for _ in range(2))
+        mha_ext.attention(q, k, v, device="cuda")
+        grids = [g for name, g in _launches(log) if "attention_tc_kernel" in name]
+        assert grids == [(120, 1, 1)]
+
+
+# ------------------------------------------------------------------------------------------
 # A larger causal run on the tensor-core path (several key tiles, prefetching).
 
 

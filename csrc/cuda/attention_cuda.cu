@@ -3,7 +3,9 @@
 //
 // Paths:
 //   fp16/bf16, dot score, max(D, Dv) <= 256, Lq >= kTcMinSeqQ   attention_tc_kernel (head dims
-//                                         padded to 64, 96, 128 or 256)
+//                                         padded to 64, 96, 128 or 256), split over keys
+//                                         when its blocks cannot fill the GPU, merged by
+//                                         attention_combine_kernel
 //   dot score, (Hq / Hk) * Lq <= 16 query rows per KV head, Lk >= 64
 //                                         attention_decode_kernel (flash-decoding: a block per
 //                                         (key split, KV head, batch)), merged by
@@ -18,7 +20,7 @@
 // no cudaMalloc/cudaFree/cudaEventCreate once warm. Inputs are gathered into the pinned
 // mirror and go to the device in one copy; outputs come back through it.
 // Environment knobs for tests and benchmarks: MHA_EXT_CUDA_SIMT=1 forces the SIMT path,
-// MHA_EXT_CUDA_SPLITS=n forces n key chunks on the SIMT path, MHA_EXT_CUDA_PINNED=0 copies
+// MHA_EXT_CUDA_SPLITS=n forces n key chunks (SIMT, tensor-core and decode paths), MHA_EXT_CUDA_PINNED=0 copies
 // straight from/to the (pageable) NumPy memory instead.
 #include <cuda_runtime.h>
 
@@ -347,6 +349,8 @@ struct LaunchPlan {
     int64_t dec_splits = 1, dec_split = 1;
     size_t dec_smem = 0, off_dpart = 0;
     bool tc_vec = false;   // its rows are 16-byte aligned: cp.async
+    int64_t tc_splits = 1, tc_split = 0;  // its key chunks (split over keys)
+    size_t off_tpart = 0;                 // their partials
     bool k_vec = false;    // the SIMT kernels read keys as 16-byte vectors
     int64_t num_splits = 1, split_size = 1;  // split-KV geometry (SIMT path)
     int64_t grid_x = 0, wgrid_x = 0;         // SIMT / weights grid
@@ -411,7 +415,20 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
             cuda::TcArgs targs;
             targs.lse = reinterpret_cast<float*>(lse);
             targs.vec = tc_vec;
+            if (plan.tc_splits > 1) {
+                targs.num_splits = static_cast<int>(plan.tc_splits);
+                targs.split_size = plan.tc_split;
+                targs.part_out = reinterpret_cast<float*>(arena.at(plan.off_tpart));
+                targs.part_lse = targs.part_out + plan.tc_splits * rows * hp.head_dim_v;
+            }
             cuda::launch_attention_tc(d, targs, stream);
+            if (plan.tc_splits > 1) {
+                run_combine<T, A>(d, targs.part_out, targs.part_lse, plan.tc_splits, lse,
+                                  ceil_div(rows, kSimtWarps) < 65536 * 16
+                                      ? ceil_div(rows, kSimtWarps)
+                                      : 65536 * 16,
+                                  stream);
+            }
         }
     } else if (plan.use_decode) {
         cuda::DecodeArgs<A> da;
@@ -559,6 +576,31 @@ void attention_forward_cuda(const AttentionParams& hp) {
                         (D > Dv ? D : Dv) <= cuda::kTcMaxHeadDim && Lq >= kTcMinSeqQ &&
                         !force_simt;
 
+    // Split over keys on the tensor-core path: when the (query tile, batch, head) blocks
+    // cannot fill the GPU (short Lq, few heads, long keys), cut the keys into chunks of
+    // whole tiles, about two blocks per SM in all, at least two tiles per chunk; merged by
+    // lse like the SIMT splits. MHA_EXT_CUDA_SPLITS=n forces n chunks.
+    int64_t tc_splits = 1, tc_split = 0;
+    if (use_tc) {
+        constexpr int64_t kTcTileM = 64, kTcTileN = 64;  // a chunk is whole tiles of either width
+        const int64_t blocks = ceil_div(Lq, kTcTileM) * B * Hq;
+        int64_t want = env_int("MHA_EXT_CUDA_SPLITS", 0);
+        if (want == 0 && blocks < static_cast<int64_t>(num_sms) && Lk >= 4 * kTcTileN) {
+            want = ceil_div(static_cast<int64_t>(num_sms) * 2, blocks);
+            const int64_t by_len = ceil_div(Lk, 2 * kTcTileN);
+            if (want > by_len) want = by_len;
+        }
+        if (want > kMaxSplits) want = kMaxSplits;
+        if (want > 1) {
+            tc_split = ceil_div(ceil_div(Lk, want), kTcTileN) * kTcTileN;
+            tc_splits = ceil_div(Lk, tc_split);
+        }
+    }
+    const size_t off_tpart =
+        tc_splits > 1 ? arena.reserve(static_cast<size_t>(tc_splits * rows * (Dv + 1)) *
+                                      sizeof(float))
+                      : 0;
+
     // Flash-decoding: few query rows per KV head (the GQA group times Lq), long keys.
     const int64_t dec_rows = Hk > 0 ? (Hq / Hk) * Lq : 0;
     int dec_tile = 0;
@@ -691,6 +733,7 @@ void attention_forward_cuda(const AttentionParams& hp) {
     plan.off_lse = off_lse, plan.off_weights = off_weights;
     plan.off_part = off_part, plan.off_scratch = off_scratch, plan.off_wscratch = off_wscratch;
     plan.use_tc = use_tc, plan.tc_vec = tc_vec, plan.k_vec = k_vec;
+    plan.tc_splits = tc_splits, plan.tc_split = tc_split, plan.off_tpart = off_tpart;
     plan.use_decode = use_decode, plan.dec_tile = dec_tile, plan.dec_pitch = dec_pitch;
     plan.dec_rows = static_cast<int>(dec_rows), plan.dec_vec = dec_vec;
     plan.dec_splits = dec_splits, plan.dec_split = dec_split;

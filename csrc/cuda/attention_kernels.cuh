@@ -640,6 +640,13 @@ __global__ void project_rows_kernel(const T* x, int64_t batch, int64_t heads, in
 struct TcArgs {
     float* lse = nullptr;  // (rows,) or nullptr
     bool vec = false;      // q/k/v rows are 16-byte aligned: cp.async; else plain loads
+    // Split over keys (gridDim.y = num_splits chunks of split_size keys, a multiple of
+    // kBlockN): with more than one chunk the kernel writes partial (out, lse) rows, the
+    // SIMT path's layout, for attention_combine_kernel to merge by lse.
+    int num_splits = 1;
+    int64_t split_size = 0;
+    float* part_out = nullptr;  // (splits, rows, head_dim_v)
+    float* part_lse = nullptr;  // (splits, rows)
 };
 
 // The mma.sync of one storage type (ptx.cuh) and the packing of two floats into its A operand.
@@ -716,7 +723,8 @@ __device__ __forceinline__ bool own_rows_nonfinite(const T* tile, int n_rows, in
     return bad;
 }
 
-// Grid: one block per (query tile, batch*head), heaviest (last) query tiles first.
+// Grid: x one block per (query tile, batch*head), heaviest (last) query tiles first; y the
+// key chunk when the keys are split (TcArgs::num_splits).
 // Dynamic shared memory: tc_smem_bytes<T, kHeadDim, kBlockN>() = 4 * kBlockN * (kHeadDim + 8)
 // elements of T.
 template <typename T, int kHeadDim, int kWarps, int kBlockN>
@@ -767,10 +775,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     __syncthreads();
 
+    // This block's key chunk [s_lo, s_hi) (all keys unless split); every range below is
+    // clipped to it, which keeps them monotone in i.
+    const int split = static_cast<int>(blockIdx.y);
+    const bool split_out = args.num_splits > 1;
+    const int64_t s_lo = split_out ? split * args.split_size : 0;
+    const int64_t s_hi = split_out ? min(lk, s_lo + args.split_size) : lk;
+    auto clip = [&](KeyRange r) {
+        return KeyRange{max(r.lo, s_lo), min(r.hi, s_hi - 1)};
+    };
+
     // Key interval of the block: the ranges are monotone in i, so the first row has the
     // smallest lo and the last row the largest hi.
-    const KeyRange first = visible_keys(p, m0, lk);
-    const KeyRange last = visible_keys(p, m_last, lk);
+    const KeyRange first = clip(visible_keys(p, m0, lk));
+    const KeyRange last = clip(visible_keys(p, m_last, lk));
     const int64_t j_begin = max(first.lo, int64_t(0));
     const int64_t j_end = min(last.hi + 1, lk);
     const int64_t n_tiles = j_end > j_begin ? (j_end - j_begin + kBlockN - 1) / kBlockN : 0;
@@ -785,7 +803,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     KeyRange rng[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        rng[r] = row_i[r] < Lq ? visible_keys(p, row_i[r], lk) : KeyRange{1, 0};
+        rng[r] = row_i[r] < Lq ? clip(visible_keys(p, row_i[r], lk)) : KeyRange{1, 0};
     }
     const uint8_t* mask_rows[2] = {nullptr, nullptr};
     const float* bias_rows[2] = {nullptr, nullptr};
@@ -1004,7 +1022,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         __syncthreads();  // every warp is done with buffer buf before it is refilled
     }
 
-    // Finalise: out = O / l; empty rows 0 with lse -inf; NaN sums give NaN rows.
+    // Finalise: out = O / l; empty rows 0 with lse -inf; NaN sums give NaN rows. A key
+    // chunk writes the same as its partial row (float) for the combine kernel.
     constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -1014,6 +1033,19 @@ __global__ void __launch_bounds__(kWarps * 32)
         if (i >= Lq) continue;
         const bool empty = l == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l;
+        if (split_out) {
+            const int64_t row = (b * p.num_heads_q + h) * Lq + i;
+            const int64_t part = static_cast<int64_t>(split) * p.batch * p.num_heads_q * Lq + row;
+            float* po = args.part_out + part * dim_v;
+#pragma unroll
+            for (int x = 0; x < kTilesD; ++x) {
+                const int c = x * 8 + t4 * 2;
+                if (c < dim_v) po[c] = empty ? 0.0f : o[x][2 * r] * inv;
+                if (c + 1 < dim_v) po[c + 1] = empty ? 0.0f : o[x][2 * r + 1] * inv;
+            }
+            if (t4 == 0) args.part_lse[part] = empty ? ninf : (m_run[r] + log2f(l)) * kLn2;
+            continue;
+        }
         T* out = static_cast<T*>(p.out) + b * p.out_stride_batch + h * p.out_stride_head +
                  i * p.out_stride_seq;
 #pragma unroll

@@ -31,7 +31,8 @@ void launch(const AttentionParams& p, const TcArgs& args, cudaStream_t stream) {
         if (err != cudaSuccess) cudaGetLastError();
     }
     if (err == cudaSuccess) {
-        MHA_LAUNCH(static_cast<unsigned>(blocks), kWarps * 32, smem, stream,
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(args.num_splits));
+        MHA_LAUNCH(grid, kWarps * 32, smem, stream,
                    attention_tc_kernel<T, kHeadDim, kWarps, kBlockN>)(p, args);
         err = cudaGetLastError();
     }
