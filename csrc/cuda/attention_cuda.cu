@@ -302,9 +302,14 @@ void run_decode(const AttentionParams& p, const cuda::DecodeArgs<A>& args, int64
     check_launch("the decode attention kernel");
 }
 
+// Merges num_splits partial (out, lse) rows by lse: one warp per query row, grid-stride past
+// the grid cap.
 template <typename T, typename A>
 void run_combine(const AttentionParams& p, const A* part_out, const A* part_lse,
-                 int64_t num_splits, A* lse, int64_t grid_x, cudaStream_t stream) {
+                 int64_t num_splits, A* lse, cudaStream_t stream) {
+    const int64_t rows = p.batch * p.num_heads_q * p.seqlen_q;
+    const int64_t grid_x = ceil_div(rows, kSimtWarps) < 65536 * 16 ? ceil_div(rows, kSimtWarps)
+                                                                   : 65536 * 16;
     MHA_LAUNCH(static_cast<unsigned>(grid_x), kSimtWarps * 32, 0, stream,
                cuda::attention_combine_kernel<T, A>)(p, part_out, part_lse,
                                                      static_cast<int>(num_splits), lse);
@@ -423,11 +428,7 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
             }
             cuda::launch_attention_tc(d, targs, stream);
             if (plan.tc_splits > 1) {
-                run_combine<T, A>(d, targs.part_out, targs.part_lse, plan.tc_splits, lse,
-                                  ceil_div(rows, kSimtWarps) < 65536 * 16
-                                      ? ceil_div(rows, kSimtWarps)
-                                      : 65536 * 16,
-                                  stream);
+                run_combine<T, A>(d, targs.part_out, targs.part_lse, plan.tc_splits, lse, stream);
             }
         }
     } else if (plan.use_decode) {
@@ -440,10 +441,7 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
         da.part_out = reinterpret_cast<A*>(arena.at(plan.off_dpart));
         da.part_lse = da.part_out + plan.dec_splits * rows * hp.head_dim_v;
         run_decode<T, A>(d, da, plan.dec_splits, plan.dec_smem, stream);
-        run_combine<T, A>(d, da.part_out, da.part_lse, plan.dec_splits, lse,
-                          ceil_div(rows, kSimtWarps) < 65536 * 16 ? ceil_div(rows, kSimtWarps)
-                                                                  : 65536 * 16,
-                          stream);
+        run_combine<T, A>(d, da.part_out, da.part_lse, plan.dec_splits, lse, stream);
     } else {
         args.scratch = simt_smem == 0 ? reinterpret_cast<A*>(arena.at(off_scratch)) : nullptr;
         if (num_splits > 1) {
@@ -452,10 +450,7 @@ void forward(const AttentionParams& hp, const AttentionParams& d, Arena& arena,
         }
         run_simt<T, A>(d, args, num_splits, grid_x, simt_smem, stream);
         if (num_splits > 1) {
-            run_combine<T, A>(d, args.part_out, args.part_lse, num_splits, lse,
-                              ceil_div(rows, kSimtWarps) < 65536 * 16 ? ceil_div(rows, kSimtWarps)
-                                                                      : 65536 * 16,
-                              stream);
+            run_combine<T, A>(d, args.part_out, args.part_lse, num_splits, lse, stream);
         }
     }
     if (hp.weights != nullptr) {
