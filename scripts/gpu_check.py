@@ -21,6 +21,14 @@ Steps:
      kernel-only time comes from mha_ext._core.cuda_last_kernel_ms() when the binding
      exposes it, else from the PyTorch profiler (CUPTI sees every kernel in the process).
 Results go to $OUT (if set) or benchmarks/results/, as gpu_check_<GPU name>.json and .md.
+
+On a lent machine that cannot reach PyPI (the project's device tool: see its README): here,
+download the test dependencies as manylinux wheels into ./.whl (ignored by git; `pip download
+--no-deps --only-binary=:all: --python-version 3.12 ... -d .whl pytest hypothesis ml_dtypes
+scikit-build-core pybind11` and their own dependencies), then make one call that carries
+`.whl`, runs `PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --quick` and leaves time in
+its limit for a rerun; the results come back from $OUT. The split rows (short Lq, long Lk)
+time the tensor-core kernel split over keys and unsplit (MHA_EXT_CUDA_SPLITS=1) side by side.
 """
 
 from __future__ import annotations
