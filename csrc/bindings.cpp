@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings_util.h"
 #include "check.h"
 #include "dispatch.h"
 #include "params.h"
@@ -133,23 +134,7 @@ int64_t elem_stride(const py::array& a, py::ssize_t axis, py::ssize_t item) {
 // (with two heap vectors for its shape); a tiny call used to build nine of them.
 py::array no_array() { return py::reinterpret_steal<py::array>(py::handle()); }
 
-// num_threads: None -> 0 (the OpenMP default), an int -> itself (bools refused). The range is
-// check_params()'s; only an explicit 0 (which would read as the default) and values outside
-// the C int range are refused here, with the same wording.
-int parse_num_threads(const py::handle& num_threads) {
-    if (num_threads.is_none()) return 0;
-    MHA_CHECK_TYPE(!PyBool_Check(num_threads.ptr()), "num_threads: expected an int or None, got ",
-                   num_threads.ptr() == Py_True ? "True" : "False");
-    int64_t n;
-    try {
-        n = num_threads.cast<int64_t>();
-    } catch (const py::cast_error&) {
-        throw type_error("num_threads: expected an int or None");
-    }
-    MHA_CHECK(n != 0 && n >= INT_MIN && n <= INT_MAX, "num_threads: " MHA_NUM_THREADS_RULE
-              ", got ", n);
-    return static_cast<int>(n);
-}
+using binding::parse_num_threads;
 
 // [lo, hi) byte range spanned by an array.
 void byte_extent(const py::array& a, uintptr_t* lo, uintptr_t* hi) {

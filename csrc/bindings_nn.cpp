@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings_util.h"
 #include "check.h"
 #include "dispatch.h"
 
@@ -80,12 +81,7 @@ void same_shape(const py::array& a, const py::array& ref, const char* name, NnDt
     MHA_CHECK(same, name, ": expected the shape of x");
 }
 
-int threads_arg(const py::object& o) {
-    if (o.is_none()) return 0;
-    const int n = o.cast<int>();
-    MHA_CHECK(n >= 1, "num_threads: expected a positive int, got ", n);
-    return n;
-}
+using binding::parse_num_threads;
 
 void py_bias_act(const py::array& x, const py::object& bias, int act, const py::array& out,
               const py::object& num_threads) {
@@ -103,7 +99,7 @@ void py_bias_act(const py::array& x, const py::object& bias, int act, const py::
     p.cols = rx.cols;
     p.x_stride = rx.stride;
     p.out_stride = ro.stride;
-    p.num_threads = threads_arg(num_threads);
+    p.num_threads = parse_num_threads(num_threads);
     py::gil_scoped_release release;
     mha::bias_act(p);
 }
@@ -143,7 +139,7 @@ void py_add_norm(const py::array& x, const py::object& y, const py::object& y_bi
         p.out_stride = ro.stride;
     }
     p.eps = eps;
-    p.num_threads = threads_arg(num_threads);
+    p.num_threads = parse_num_threads(num_threads);
     py::gil_scoped_release release;
     mha::add_norm(p);
 }

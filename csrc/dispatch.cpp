@@ -119,12 +119,14 @@ void merge_forward(const MergeParams& params) {
 }
 
 void bias_act(const BiasActParams& params) {
+    check_num_threads(params.num_threads);
     BiasActParams cpu = params;
     cpu.num_threads = resolve_threads(params.num_threads);
     bias_act_cpu(cpu);
 }
 
 void add_norm(const AddNormParams& params) {
+    check_num_threads(params.num_threads);
     AddNormParams cpu = params;
     cpu.num_threads = resolve_threads(params.num_threads);
     add_norm_cpu(cpu);

@@ -64,6 +64,11 @@ const char* dtype_name(DType dtype) {
     return "unknown";
 }
 
+void check_num_threads(int num_threads) {
+    MHA_CHECK(num_threads >= 0 && num_threads <= kMaxThreads,
+              "num_threads: " MHA_NUM_THREADS_RULE ", got ", num_threads);
+}
+
 void check_params(const AttentionParams& p) {
     MHA_CHECK(p.dtype == DType::kFloat32 || p.dtype == DType::kFloat64 ||
                   p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16,
@@ -99,8 +104,7 @@ void check_params(const AttentionParams& p) {
     MHA_CHECK(dtype_accumulates_in_double(p.dtype) || std::fabs(p.scale) <= kFloat32LogitScale,
               "scale: |", p.scale, "| > 2^64 overflows the float32 logits of ",
               dtype_name(p.dtype), " inputs; use float64 inputs for such scales");
-    MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
-              "num_threads: " MHA_NUM_THREADS_RULE ", got ", p.num_threads);
+    check_num_threads(p.num_threads);
     MHA_CHECK(p.softcap == 0 || (std::isfinite(p.softcap) && p.softcap > 0),
               "softcap: expected a finite float > 0 (or None), got ", p.softcap);
     MHA_CHECK(p.lse_stride_head >= 0, "lse: negative row stride ", p.lse_stride_head);
@@ -253,8 +257,7 @@ void check_merge_params(const MergeParams& p) {
               "merge: sizes must be non-negative");
     MHA_CHECK(p.lse_double == (p.dtype == DType::kFloat64),
               "lses: must be float64 for float64 outputs and float32 otherwise");
-    MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
-              "num_threads: " MHA_NUM_THREADS_RULE ", got ", p.num_threads);
+    check_num_threads(p.num_threads);
     const bool work = p.batch > 0 && p.num_heads > 0 && p.seqlen > 0;
     if (work) {
         MHA_CHECK(p.outs != nullptr && p.lses != nullptr && p.out_strides != nullptr &&

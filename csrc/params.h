@@ -124,6 +124,9 @@ struct AttentionParams {
 // The largest num_threads accepted, and the rule as every error message states it.
 constexpr int kMaxThreads = 4096;
 #define MHA_NUM_THREADS_RULE "expected None (the OpenMP default) or a thread count from 1 to 4096"
+// Throws std::invalid_argument unless 0 <= num_threads <= kMaxThreads (0: the OpenMP
+// default): the one check of every entry point (attention, merge, S2, the layer kernels).
+void check_num_threads(int num_threads);
 
 // Throws std::invalid_argument (ValueError in Python) for a value that breaks an invariant of
 // the struct: negative sizes, D < 1, D != Dk for the dot score, Hk = 0, Hq % Hk, an enum out

@@ -148,6 +148,12 @@ def test_kernel_errors():
         _core.add_norm(x, None, None, None, None, -1.0, None, x)
     with pytest.raises(ValueError, match="num_threads"):
         _core.bias_act(x, None, 0, x, num_threads=0)
+    # the same num_threads rule as attention (one parser): bools refused, 1..4096
+    with pytest.raises(TypeError, match="num_threads"):
+        _core.bias_act(x, None, 0, x, num_threads=True)
+    for bad in (-1, 4097, 2**40):
+        with pytest.raises(ValueError, match="num_threads: expected None"):
+            _core.add_norm(x, None, None, None, None, 1e-5, None, x, num_threads=bad)
     with pytest.raises(ValueError, match="read-only"):
         ro = np.ones((2, 3), np.float32)
         ro.flags.writeable = False

@@ -159,8 +159,7 @@ void s2_check_params(const S2Params& p) {
               "x: sizes must be non-negative, got (B, H, W) = (", p.batch, ", ", p.height, ", ",
               p.width, ")");
     MHA_CHECK(p.channels >= 1, "x: channels must be at least 1, got ", p.channels);
-    MHA_CHECK(p.num_threads >= 0 && p.num_threads <= kMaxThreads,
-              "num_threads: " MHA_NUM_THREADS_RULE ", got ", p.num_threads);
+    check_num_threads(p.num_threads);
     const bool pixels = p.batch > 0 && p.height > 0 && p.width > 0;
     MHA_CHECK(!pixels || p.x != nullptr, "x: must be given");
 }
