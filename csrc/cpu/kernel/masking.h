@@ -97,11 +97,32 @@ void bias_and_hide(const AttentionParams& p, const TileBuffers<A>& buf, const Ti
             buf.lo[r] = static_cast<int32_t>(max_of<int64_t>(-1, min_of(buf.range[r].lo - j0, nk)));
             buf.hi[r] = static_cast<int32_t>(max_of<int64_t>(-1, min_of(buf.range[r].hi - j0, nk)));
         }
-        for (int64_t j = 0; j < nk; ++j) {
-            A* sj = st + j * nqc;
-            const int32_t jj = static_cast<int32_t>(j);
-            for (int64_t r = c0; r < r_end; ++r) {
-                sj[r] = (jj < buf.lo[r] || jj > buf.hi[r]) ? neg_inf : sj[r];
+        // Rows of one sequence (every task but a packed GQA group's) have lo and hi
+        // non-decreasing in r, so key j is seen by one run of columns [ra, rb): hide the two
+        // runs around it, found by two pointers that only move forward (O(nk + nq) instead of
+        // a compare per pair, and the stores touch only hidden pairs).
+        bool monotone = true;
+        for (int64_t r = c0 + 1; r < r_end; ++r) {
+            monotone &= buf.lo[r] >= buf.lo[r - 1] && buf.hi[r] >= buf.hi[r - 1];
+        }
+        if (monotone) {
+            int64_t ra = c0, rb = c0;
+            for (int64_t j = 0; j < nk; ++j) {
+                A* sj = st + j * nqc;
+                const int32_t jj = static_cast<int32_t>(j);
+                while (ra < r_end && buf.hi[ra] < jj) ++ra;  // first column with hi >= j
+                rb = max_of(rb, ra);
+                while (rb < r_end && buf.lo[rb] <= jj) ++rb;  // past the last with lo <= j
+                for (int64_t r = c0; r < ra; ++r) sj[r] = neg_inf;
+                for (int64_t r = rb; r < r_end; ++r) sj[r] = neg_inf;
+            }
+        } else {
+            for (int64_t j = 0; j < nk; ++j) {
+                A* sj = st + j * nqc;
+                const int32_t jj = static_cast<int32_t>(j);
+                for (int64_t r = c0; r < r_end; ++r) {
+                    sj[r] = (jj < buf.lo[r] || jj > buf.hi[r]) ? neg_inf : sj[r];
+                }
             }
         }
     }
