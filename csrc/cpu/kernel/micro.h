@@ -129,6 +129,33 @@ inline void dot4(const A* qr, const A* const kr[4], A t[4], int64_t dk) {
     }
 }
 
+// t[x] = q_x . k_x (dk long) for four (query row, key row) pairs: dot4 with a query row per
+// lane (the head-spanning decode, decode_span.h, pairs each row with its own head's key).
+// The same sums in the same order as dot4.
+template <typename A>
+inline void dot4_pairs(const A* const qr[4], const A* const kr[4], A t[4], int64_t dk) {
+    constexpr int64_t kW = Vec<A>::kWidth;
+    using V = vec_t<A>;
+    const int64_t dkv = dk / kW * kW;
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t d = 0; d < dkv; d += kW) {
+        a0 += vload(qr[0] + d) * vload(kr[0] + d);
+        a1 += vload(qr[1] + d) * vload(kr[1] + d);
+        a2 += vload(qr[2] + d) * vload(kr[2] + d);
+        a3 += vload(qr[3] + d) * vload(kr[3] + d);
+    }
+    for (int x = 0; x < 4; ++x) t[x] = 0;
+    for (int w = 0; w < kW; ++w) {
+        t[0] += a0[w];
+        t[1] += a1[w];
+        t[2] += a2[w];
+        t[3] += a3[w];
+    }
+    for (int64_t d = dkv; d < dk; ++d) {
+        for (int x = 0; x < 4; ++x) t[x] += qr[x][d] * kr[x][d];
+    }
+}
+
 // True when the nk value rows (dvp wide, zero padded) hold no Inf or NaN.
 template <typename A>
 inline bool all_finite(const A* v_rows, int64_t nk, int64_t ldv, int64_t dvp) {
