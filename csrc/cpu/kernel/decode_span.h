@@ -27,13 +27,14 @@
 namespace mha {
 namespace MHA_CPU_NS {
 
-constexpr int64_t kSpanKeys = 16;       // keys per tile: a multiple of every vector width
+constexpr int64_t kSpanKeys = 64;       // keys per tile (K/V read in place)
+constexpr int64_t kSpanMinKeys = 16;    // keys per tile at least: a multiple of every vector width
+constexpr int64_t kSpanConvertBytes = 64 << 10;  // converted K (V) rows of a tile at most
 constexpr int64_t kSpanRows = 8;        // query rows per K/V head (Lq * group) at most
 constexpr int64_t kSpanMaxRows = 1024;  // query rows per batch (Hq * Lq) at most
 constexpr int64_t kSpanMinChunk = 256;  // keys per chunk at least
 constexpr int64_t kSpanMaxSplits = 64;  // chunks per batch at most
 constexpr int64_t kSpanTasksPerThread = 4;   // chunks per thread when B alone is too few
-constexpr int64_t kSpanPrefetchBytes = 8192;  // K and V prefetched this far ahead of the walk
 
 // MHA_EXT_KV_SPAN=0: the old (batch, head) tile loop for every call.
 inline bool span_disabled() {
@@ -54,7 +55,9 @@ inline bool span_fits(const AttentionParams& p) {
         return false;
     }
     const int64_t group = p.num_heads_q / p.num_heads_k;
-    if (p.seqlen_q * group > kSpanRows || p.seqlen_q * p.num_heads_q > kSpanMaxRows) return false;
+    int64_t max_rows = kSpanRows;
+    if (const char* e = std::getenv("MHA_EXT_SPAN_ROWS")) max_rows = std::atoi(e);
+    if (p.seqlen_q * group > max_rows || p.seqlen_q * p.num_heads_q > kSpanMaxRows) return false;
     if (!span_interleaved(p.k_stride_head, p.k_stride_seq, p.head_dim_k, p.num_heads_k) ||
         !span_interleaved(p.v_stride_head, p.v_stride_seq, p.head_dim_v, p.num_heads_k)) {
         return false;
@@ -65,13 +68,14 @@ inline bool span_fits(const AttentionParams& p) {
 // One task: batch b, keys [split * split_keys, (split + 1) * split_keys) of it, every query
 // row r = hq * Lq + i of the batch; leaves the partials of its rows in kn.part_*.
 // Buffers (the kernel's TileBuffers, sized by forward_span): q_raw (R, dk) scaled queries,
-// st (R, kSpanKeys) scores then p, acc (R, dvp), m / l (R), range / diag (Lq), slope (R),
-// k_rows / v_rows the tile's converted rows (kSpanKeys * Hk) when not read in place.
+// st (R, kS) scores then p, acc (R, dvp), m / l / range / diag / slope per row (R), lo the
+// row's K/V head, hi whether the row sees the whole current tile, k_rows / v_rows the tile's
+// converted rows (kS * Hk) when not read in place.
 template <typename T, typename A>
-void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, int64_t split) {
+void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, int64_t split,
+               int64_t kS) {
     using V = vec_t<A>;
     constexpr int64_t kW = Vec<A>::kWidth;
-    constexpr int64_t kS = kSpanKeys;
     const AttentionParams& p = kn.p;
     const int64_t Hq = p.num_heads_q, Hk = p.num_heads_k, Lq = p.seqlen_q, R = Hq * Lq;
     const int64_t group = kn.group, dk = kn.dk, dv = p.head_dim_v, dvp = kn.dvp;
@@ -86,8 +90,12 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
     for (int64_t i = 0; i < Lq; ++i) {
         KeyRange rr = visible_keys(p, i, lk);
         if (rr.lo > rr.hi) rr = {lk, -1};  // empty row: sees nothing
-        buf.range[i] = rr;
-        buf.diag[i] = diagonal(p, i, lk);
+        const int64_t diag = diagonal(p, i, lk);
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+            buf.range[hq * Lq + i] = rr;
+            buf.diag[hq * Lq + i] = diag;
+            buf.lo[hq * Lq + i] = static_cast<int32_t>(hq / group);
+        }
         if (rr.lo <= rr.hi) {
             j_begin = min_of(j_begin, rr.lo);
             j_end = max_of(j_end, rr.hi + 1);
@@ -114,10 +122,6 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
     const int64_t svs = p.v_stride_seq, svh = p.v_stride_head;
     const bool paged = kn.kv != nullptr && kn.kv->block_table != nullptr;
     const int64_t bs = paged ? kn.kv->block_size : 0;
-    // Prefetch: the K (V) rows of the key pf_keys ahead, all heads (its contiguous span).
-    const int64_t key_bytes_k = ((Hk - 1) * skh + dk) * static_cast<int64_t>(sizeof(T));
-    const int64_t key_bytes_v = ((Hk - 1) * svh + dv) * static_cast<int64_t>(sizeof(T));
-    const int64_t pf_keys = max_of<int64_t>(1, kSpanPrefetchBytes / key_bytes_k);
     const A cap = static_cast<A>(p.softcap), inv_cap = p.softcap > 0 ? A(1) / cap : A(0);
 
     for (int64_t j0 = j_begin, nk = 0; j0 < j_end; j0 += nk) {
@@ -148,11 +152,6 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
         // Scores, key by key, each key's heads in address order; rows in quads of dot4_pairs.
         A* s = buf.st;  // s[r * kS + jj]
         for (int64_t jj = 0; jj < nk; ++jj) {
-            const int64_t jp = j0 + jj + pf_keys;
-            if (jp < j_end) {
-                prefetch_row(kn.k_tile(b, 0, jp), key_bytes_k);
-                prefetch_row(kn.v_tile(b, 0, jp), key_bytes_v);
-            }
             const A* kj = kr + jj * ldks;
             for (int64_t r0 = 0; r0 < R; r0 += 4) {
                 const A* qs[4];
@@ -160,7 +159,7 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
                 for (int64_t x = 0; x < 4; ++x) {
                     const int64_t r = min_of(r0 + x, R - 1);
                     qs[x] = buf.q_raw + r * dk;
-                    kx[x] = kj + (r / Lq / group) * ldkh;
+                    kx[x] = kj + buf.lo[r] * ldkh;
                 }
                 A t[4];
                 dot4_pairs(qs, kx, t, dk);
@@ -171,8 +170,9 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
 
         // Per row: softcap, ALiBi, hiding (as bias_and_hide), then the online softmax.
         for (int64_t r = 0; r < R; ++r) {
-            const int64_t i = r % Lq;
-            const KeyRange rr = buf.range[i];
+            const KeyRange rr = buf.range[r];
+            const bool whole = rr.lo <= j0 && rr.hi >= j0 + nk - 1;
+            buf.hi[r] = whole;
             A* sr = s + r * kS;
             if (p.softcap > 0) {
                 for (int64_t x = 0; x + kW <= nk; x += kW) {
@@ -181,12 +181,12 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
                 for (int64_t x = nk / kW * kW; x < nk; ++x) sr[x] = softcap_score(sr[x], cap);
             }
             if (p.alibi_slopes != nullptr) {
-                const A rel = static_cast<A>(buf.diag[i] - j0), slope = buf.slope[r];
+                const A rel = static_cast<A>(buf.diag[r] - j0), slope = buf.slope[r];
                 for (int64_t jj = 0; jj < nk; ++jj) {
                     sr[jj] -= slope * std::fabs(rel - static_cast<A>(jj));
                 }
             }
-            if (!(rr.lo <= j0 && rr.hi >= j0 + nk - 1)) {
+            if (!whole) {
                 for (int64_t jj = 0; jj < nk; ++jj) {
                     if (j0 + jj < rr.lo || j0 + jj > rr.hi) sr[jj] = neg_inf;
                 }
@@ -241,19 +241,41 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
             ldvh = dvp;
         }
 
-        // acc += p . V, key by key, each key's heads in address order. A row that does not see
-        // the whole tile skips its p = 0 keys, so a hidden Inf/NaN value never reaches it.
-        for (int64_t jj = 0; jj < nk; ++jj) {
-            const A* vj = vr + jj * ldvs;
+        // acc += p . V, four keys at a time, each key's heads in address order (a row's group
+        // reads its V rows from L1). A row that does not see the whole tile skips its p = 0
+        // keys, so a hidden Inf/NaN value never reaches it.
+        for (int64_t j4 = 0; j4 < nk; j4 += 4) {
+            const int64_t n4 = min_of<int64_t>(4, nk - j4);
+            const A* vj = vr + j4 * ldvs;
             for (int64_t r = 0; r < R; ++r) {
-                const KeyRange rr = buf.range[r % Lq];
-                const A pj = s[r * kS + jj];
-                const bool whole = rr.lo <= j0 && rr.hi >= j0 + nk - 1;
-                if (!whole && pj == 0) continue;
-                const V pv = vbroadcast<A>(pj);
-                const A* vh = vj + (r / Lq / group) * ldvh;
+                const A* pr = s + r * kS + j4;
+                const A* vh = vj + buf.lo[r] * ldvh;
                 A* ar = buf.acc + r * dvp;
-                for (int64_t d = 0; d < dvp; d += kW) vstore(ar + d, vload(ar + d) + pv * vload(vh + d));
+                if (n4 == 4 && buf.hi[r] != 0) {
+                    const V p0 = vbroadcast<A>(pr[0]), p1 = vbroadcast<A>(pr[1]),
+                            p2 = vbroadcast<A>(pr[2]), p3 = vbroadcast<A>(pr[3]);
+                    const A* v1 = vh + ldvs;
+                    const A* v2 = v1 + ldvs;
+                    const A* v3 = v2 + ldvs;
+                    for (int64_t d = 0; d < dvp; d += kW) {
+                        V a = vload(ar + d);
+                        a += p0 * vload(vh + d);
+                        a += p1 * vload(v1 + d);
+                        a += p2 * vload(v2 + d);
+                        a += p3 * vload(v3 + d);
+                        vstore(ar + d, a);
+                    }
+                    continue;
+                }
+                for (int64_t x = 0; x < n4; ++x) {
+                    const A pj = pr[x];
+                    if (buf.hi[r] == 0 && pj == 0) continue;
+                    const V pv = vbroadcast<A>(pj);
+                    const A* vx = vh + x * ldvs;
+                    for (int64_t d = 0; d < dvp; d += kW) {
+                        vstore(ar + d, vload(ar + d) + pv * vload(vx + d));
+                    }
+                }
             }
         }
     }
@@ -283,8 +305,19 @@ void forward_span(const AttentionParams& p, const KvcacheParams* kv) {
     // The per-thread buffers span_task carves from the tile buffers: bq rows of state, bk
     // converted K/V rows (one tile of all heads; none when both are read in place).
     kernel.amx = false;
-    kernel.bq = max_of(round_up(R, kW), round_up(p.seqlen_q, kW));
-    kernel.bk = kernel.direct_k && kernel.direct_v ? kSpanKeys : kSpanKeys * p.num_heads_k;
+    kernel.bq = round_up(R, kW);
+    // Keys per tile: kSpanKeys, or fewer (down to kSpanMinKeys) when the tile's rows are
+    // converted, so that the converted K (V) tile stays within kSpanConvertBytes.
+    const bool direct = kernel.direct_k && kernel.direct_v;
+    const int64_t row_bytes = p.num_heads_k * max_of(kernel.dk, kernel.dvp) *
+                              static_cast<int64_t>(sizeof(A));
+    int64_t kS = direct ? kSpanKeys
+                        : max_of(kSpanMinKeys, min_of(kSpanKeys, kSpanConvertBytes / row_bytes /
+                                                                     kSpanMinKeys * kSpanMinKeys));
+    int64_t tpt = kSpanTasksPerThread;
+    if (const char* e = std::getenv("MHA_EXT_SPAN_TILE")) kS = round_up(std::atoi(e), 16);
+    if (const char* e = std::getenv("MHA_EXT_SPAN_TPT")) tpt = std::atoi(e);
+    kernel.bk = direct ? kS : kS * p.num_heads_k;
 
     int64_t longest = 0;
     for (int64_t b = 0; b < B; ++b) longest = max_of(longest, valid_keys(p, b));
@@ -293,7 +326,7 @@ void forward_span(const AttentionParams& p, const KvcacheParams* kv) {
     int64_t splits = kv != nullptr ? kv->num_splits : 0;
     if (splits == 0) {
         const int64_t threads = kernel.max_threads();
-        splits = (kSpanTasksPerThread * threads + B - 1) / B;
+        splits = (tpt * threads + B - 1) / B;
         splits = min_of(splits, max_of<int64_t>(1, longest / kSpanMinChunk));
     }
     splits = max_of<int64_t>(
@@ -311,7 +344,7 @@ void forward_span(const AttentionParams& p, const KvcacheParams* kv) {
 
     const double flops = 2.0 * B * R * static_cast<double>(longest) * (kernel.dk + dv);
     kernel.execute(B * splits, flops, [&](const TileBuffers<A>& buf, int64_t t) {
-        span_task(kernel, buf, t / splits, t % splits);
+        span_task(kernel, buf, t / splits, t % splits, kS);
     });
     const int threads = kernel.max_threads();
 #pragma omp parallel for num_threads(threads) schedule(static) if (n_rows > 64 && threads > 1)
