@@ -31,7 +31,7 @@ constexpr int64_t kSpanKeys = 64;       // keys per tile (K/V read in place)
 constexpr int64_t kSpanMinKeys = 16;    // keys per tile at least: a multiple of every vector width
 constexpr int64_t kSpanConvertBytes = 64 << 10;  // converted K (V) rows of a tile at most
 constexpr int64_t kSpanRows = 8;        // query rows per K/V head (Lq * group) at most
-constexpr int64_t kSpanMaxRows = 1024;  // query rows per batch (Hq * Lq) at most
+constexpr int64_t kSpanMaxRows = 256;  // query rows per batch (Hq * Lq) at most
 constexpr int64_t kSpanMinChunk = 256;  // keys per chunk at least
 constexpr int64_t kSpanMaxSplits = 64;  // chunks per batch at most
 constexpr int64_t kSpanTasksPerThread = 4;   // chunks per thread when B alone is too few
@@ -128,6 +128,7 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
         if (kn.stopped()) return;  // the call is abandoned: outputs are not needed
         nk = min_of(kS, j_end - j0);
         if (paged) nk = min_of(nk, bs - j0 % bs);
+        const int64_t nkv = round_up(nk, kW);  // the softmax runs over whole vectors
         const T* kb = kn.k_tile(b, 0, j0);  // key j0, head 0
         const T* vb = kn.v_tile(b, 0, j0);
 
@@ -191,10 +192,10 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
                     if (j0 + jj < rr.lo || j0 + jj > rr.hi) sr[jj] = neg_inf;
                 }
             }
-            for (int64_t jj = nk; jj < kS; ++jj) sr[jj] = neg_inf;  // padding: p = 0
+            for (int64_t jj = nk; jj < nkv; ++jj) sr[jj] = neg_inf;  // padding: p = 0
 
             V mv = vbroadcast<A>(neg_inf);
-            for (int64_t x = 0; x < kS; x += kW) {
+            for (int64_t x = 0; x < nkv; x += kW) {
                 const V y = vload(sr + x);
                 mv = y > mv ? y : mv;  // ignores NaN; a NaN still reaches l through exp
             }
@@ -206,7 +207,7 @@ void span_task(const Blocked<T, A>& kn, const TileBuffers<A>& buf, int64_t b, in
             const A alpha = std::exp(m_old - m_safe);  // 0 while nothing was seen
             const V ms = vbroadcast<A>(m_safe);
             V sum{};
-            for (int64_t x = 0; x < kS; x += kW) {
+            for (int64_t x = 0; x < nkv; x += kW) {
                 const V e = vexp(vload(sr + x) - ms);
                 vstore(sr + x, e);
                 sum += e;
