@@ -55,9 +55,7 @@ inline bool span_fits(const AttentionParams& p) {
         return false;
     }
     const int64_t group = p.num_heads_q / p.num_heads_k;
-    int64_t max_rows = kSpanRows;
-    if (const char* e = std::getenv("MHA_EXT_SPAN_ROWS")) max_rows = std::atoi(e);
-    if (p.seqlen_q * group > max_rows || p.seqlen_q * p.num_heads_q > kSpanMaxRows) return false;
+    if (p.seqlen_q * group > kSpanRows || p.seqlen_q * p.num_heads_q > kSpanMaxRows) return false;
     if (!span_interleaved(p.k_stride_head, p.k_stride_seq, p.head_dim_k, p.num_heads_k) ||
         !span_interleaved(p.v_stride_head, p.v_stride_seq, p.head_dim_v, p.num_heads_k)) {
         return false;
@@ -312,12 +310,9 @@ void forward_span(const AttentionParams& p, const KvcacheParams* kv) {
     const bool direct = kernel.direct_k && kernel.direct_v;
     const int64_t row_bytes = p.num_heads_k * max_of(kernel.dk, kernel.dvp) *
                               static_cast<int64_t>(sizeof(A));
-    int64_t kS = direct ? kSpanKeys
+    const int64_t kS = direct ? kSpanKeys
                         : max_of(kSpanMinKeys, min_of(kSpanKeys, kSpanConvertBytes / row_bytes /
                                                                      kSpanMinKeys * kSpanMinKeys));
-    int64_t tpt = kSpanTasksPerThread;
-    if (const char* e = std::getenv("MHA_EXT_SPAN_TILE")) kS = round_up(std::atoi(e), 16);
-    if (const char* e = std::getenv("MHA_EXT_SPAN_TPT")) tpt = std::atoi(e);
     kernel.bk = direct ? kS : kS * p.num_heads_k;
 
     int64_t longest = 0;
@@ -327,7 +322,7 @@ void forward_span(const AttentionParams& p, const KvcacheParams* kv) {
     int64_t splits = kv != nullptr ? kv->num_splits : 0;
     if (splits == 0) {
         const int64_t threads = kernel.max_threads();
-        splits = (tpt * threads + B - 1) / B;
+        splits = (kSpanTasksPerThread * threads + B - 1) / B;
         splits = min_of(splits, max_of<int64_t>(1, longest / kSpanMinChunk));
     }
     splits = max_of<int64_t>(
