@@ -266,3 +266,24 @@ def test_span_every_isa_path(path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["simd"] == path
     assert got["err"] < 1e-5, got
+
+
+@pytest.mark.parametrize("D", [1, 3, 17])
+def test_span_small_and_strided_heads(rng, monkeypatch, D):
+    """Head dims below / not a multiple of the vector width, one-key caches, and caches whose
+    head rows are a slice of wider rows (head stride > D: still interleaved per key)."""
+    Hq, Hk = 4, 2
+    wide_k = rng.standard_normal((2, 40, Hk, D + 5)).astype(np.float32)
+    wide_v = rng.standard_normal((2, 40, Hk, D + 2)).astype(np.float32)
+    kc, vc = wide_k[..., :D], wide_v[..., :D]
+    for seqlens in (np.array([1, 0]), np.array([40, 17])):
+        for Lq in (1, 2):
+            q = rng.standard_normal((2, Lq, Hq, D)).astype(np.float32)
+            def call():
+                return mha_ext.attention_kvcache(q, kc, vc, seqlens, return_lse=True)
+            o, lse = call()
+            r, _, rl = attention_ref(q, kc, vc, key_lengths=seqlens, causal=True, layout="blhd")
+            np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5)
+            _lse_close(lse, rl)
+            o_old, _ = _old(call, monkeypatch)
+            np.testing.assert_allclose(o, o_old, rtol=1e-5, atol=1e-5)
