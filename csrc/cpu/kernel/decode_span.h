@@ -4,13 +4,16 @@
 // and attention(layout="blhd").
 //
 // The tile loop's tasks are (batch, head): in these layouts a head's K/V rows are D elements
-// at a stride of Hk * D, each on its own 4 KB page, and the decode ran at a third of the read
-// bandwidth. Here a task is (batch, key chunk) and owns every query row of the batch (one
-// online-softmax state m, l, acc[Dv] per (query head, row)). It walks its keys in tiles of
-// kSpanKeys keys and reads, for each key, all Hk heads' K rows (then V rows) in address order:
-// Hk * D contiguous elements per key, block_size * Hk * D within a paged block. Each K/V head
-// row is read once for its whole GQA group. The chunks leave (acc, m, l) partials that
-// Blocked::combine() merges by lse, as the key-axis split of the tile loop does.
+// at a stride of Hk * D, a few per 4 KB page, a stream the L2 streamer does not follow, and
+// the decode ran at a third of the read bandwidth. Here a task is (batch, key chunk) and owns
+// every query row of the batch (one online-softmax state m, l, acc[Dv] per (query head, row)).
+// It walks its keys in tiles of kSpanKeys keys (fewer when K/V are converted) and reads, for
+// each key, all Hk heads' K rows (then the tile's V rows) in address order: Hk * D contiguous
+// elements per key, block_size * Hk * D within a paged block. Each K/V head row is read once
+// for its whole GQA group. No software prefetch: the streamer follows this stream, and
+// prefetching measured 20-47% slower (benchmarks/NOTES.md, 2026-12-03). The chunks leave
+// (acc, m, l) partials that Blocked::combine() merges by lse, as the tile loop's key-axis
+// split does.
 //
 // Semantics are the tile loop's: key_lengths / cache_seqlens, causal alignment (bottom-right
 // or top-left) for Lq > 1, the window, ALiBi and softcap (in bias_and_hide's order: softcap,
