@@ -4,8 +4,8 @@
 // and attention(layout="blhd").
 //
 // The tile loop's tasks are (batch, head): in these layouts a head's K/V rows are D elements
-// at a stride of Hk * D, a few per 4 KB page, a stream the L2 streamer does not follow, and
-// the decode ran at a third of the read bandwidth. Here a task is (batch, key chunk) and owns
+// at a stride of Hk * D (4-16 KB at D = 128, fp32: one row per page), a stream the L2
+// streamer does not follow, and the decode ran at a third of the read bandwidth. Here a task is (batch, key chunk) and owns
 // every query row of the batch (one online-softmax state m, l, acc[Dv] per (query head, row)).
 // It walks its keys in tiles of kSpanKeys keys (fewer when K/V are converted) and reads, for
 // each key, all Hk heads' K rows (then the tile's V rows) in address order: Hk * D contiguous
