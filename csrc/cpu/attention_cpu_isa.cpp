@@ -25,7 +25,10 @@
 //                              loop over one task list of (sequence, query tile, head).
 //   attention_forward_kvcache  KV-cache decoding, contiguous or paged (kernel/serving.h):
 //                              grouped-query rows packed per K/V head, key-axis splits
-//                              combined by lse.
+//                              combined by lse; decode (few rows per K/V head) on caches
+//                              whose heads are interleaved per key, and attention's blhd
+//                              decode, run tasks of key chunks over all heads
+//                              (kernel/decode_span.h).
 //   attention_backward         tiled backward (kernel/backward.h, SPEC 6.4): FlashAttention-2's
 //                              algorithm over key blocks, P recomputed from lse.
 //
@@ -43,7 +46,13 @@ namespace mha {
 namespace MHA_CPU_NS {
 
 void attention_forward(const AttentionParams& p) {
-    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { forward_blocked<T, A>(p); });
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] {
+        if (span_fits(p)) {  // blhd decode: tasks over key chunks of all heads
+            forward_span<T, A>(p, nullptr);
+        } else {
+            forward_blocked<T, A>(p);
+        }
+    });
 }
 
 void attention_forward_naive(const AttentionParams& p) {

@@ -129,6 +129,62 @@ inline void dot4(const A* qr, const A* const kr[4], A t[4], int64_t dk) {
     }
 }
 
+// t[x] = the sum of a_x's lanes, for four vectors at once by a shuffle tree: the halves of
+// (a0, a1) and (a2, a3) are added pairwise, then the quarters of both, then what is left of
+// each quarter (13 operations for 16 lanes instead of 64 lane extractions).
+template <typename A>
+inline void hsum4(vec_t<A> a0, vec_t<A> a1, vec_t<A> a2, vec_t<A> a3, A t[4]) {
+    using V = vec_t<A>;
+    using I = typename Vec<A>::itype;
+    constexpr int kW = Vec<A>::kWidth;
+    static_assert(kW >= 4 && (kW & (kW - 1)) == 0, "hsum4: a power-of-two width of >= 4 lanes");
+    constexpr int h = kW / 2, q = kW / 4;
+    I lo, hi;
+    for (int w = 0; w < kW; ++w) {
+        lo[w] = w < h ? w : kW + (w - h);  // a's lanes [0, h), then b's [0, h)
+        hi[w] = lo[w] + h;
+    }
+    const V b0 = __builtin_shuffle(a0, a1, lo) + __builtin_shuffle(a0, a1, hi);
+    const V b1 = __builtin_shuffle(a2, a3, lo) + __builtin_shuffle(a2, a3, hi);
+    // b0 = [a0 on h lanes | a1 on h lanes], b1 likewise: now group g of c holds a_g on q lanes.
+    I lo2, hi2;
+    for (int w = 0; w < kW; ++w) {
+        const int g = w / q, o = w % q;
+        const int base = (g >= 2 ? kW : 0) + (g % 2) * h;
+        lo2[w] = base + o;
+        hi2[w] = base + q + o;
+    }
+    V c = __builtin_shuffle(b0, b1, lo2) + __builtin_shuffle(b0, b1, hi2);
+    for (int step = q / 2; step >= 1; step /= 2) {
+        I m;
+        for (int w = 0; w < kW; ++w) m[w] = w % q + step < q ? w + step : w;
+        c += __builtin_shuffle(c, m);
+    }
+    for (int x = 0; x < 4; ++x) t[x] = c[x * q];
+}
+
+// t[x] = q_x . k_x (dk long) for four (query row, key row) pairs: dot4 with a query row per
+// lane (the head-spanning decode, decode_span.h, pairs each row with its own head's key).
+// The lanes are summed by hsum4's tree (not dot4's order: the results may differ in the last
+// bits).
+template <typename A>
+inline void dot4_pairs(const A* const qr[4], const A* const kr[4], A t[4], int64_t dk) {
+    constexpr int64_t kW = Vec<A>::kWidth;
+    using V = vec_t<A>;
+    const int64_t dkv = dk / kW * kW;
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t d = 0; d < dkv; d += kW) {
+        a0 += vload(qr[0] + d) * vload(kr[0] + d);
+        a1 += vload(qr[1] + d) * vload(kr[1] + d);
+        a2 += vload(qr[2] + d) * vload(kr[2] + d);
+        a3 += vload(qr[3] + d) * vload(kr[3] + d);
+    }
+    hsum4(a0, a1, a2, a3, t);
+    for (int64_t d = dkv; d < dk; ++d) {
+        for (int x = 0; x < 4; ++x) t[x] += qr[x][d] * kr[x][d];
+    }
+}
+
 // True when the nk value rows (dvp wide, zero padded) hold no Inf or NaN.
 template <typename A>
 inline bool all_finite(const A* v_rows, int64_t nk, int64_t ldv, int64_t dvp) {

@@ -11,10 +11,13 @@
 //                     into one task (GQA reads each K/V tile once); a paged cache is read
 //                     block by block through the block table; when B * Hk tasks cannot keep
 //                     the threads busy the keys are split and the parts combined by lse.
+//                     Decode (Lq * group <= kSpanRows, heads interleaved per key) takes the
+//                     head-spanning tasks of decode_span.h instead.
 // Part of the CPU kernel compiled once per instruction set (see attention_cpu_isa.cpp):
 // include only from there, inside namespace mha::MHA_CPU_NS, no STL templates.
 #pragma once
 
+#include "cpu/kernel/decode_span.h"
 #include "cpu/kernel/tile_loop.h"
 
 namespace mha {
@@ -124,6 +127,10 @@ void forward_varlen(const VarlenParams& p) {
 
 template <typename T, typename A>
 void forward_kvcache(const KvcacheParams& p) {
+    if (span_fits(p)) {  // few rows per K/V head: tasks over key chunks of all heads
+        forward_span<T, A>(p, &p);
+        return;
+    }
     Blocked<T, A> kernel(p);
     kernel.kv = &p;
     kernel.prepare();
