@@ -59,13 +59,64 @@ inline void merge_put(A* p, vec_t<A> v, bool stream) {
     }
 }
 
-// dst[d] = sum_q w[q] * src[q][d] over the nw parts, accumulated from 0 in part order.
+// dst[d] = sum_q w[q] * src[q][d] for d in [d0, d1) over the nw parts, from 0 in part order;
+// fewer elements than a vector (a row's unaligned head, its tail). AVX-512: one masked vector.
+inline void merge_part_vector(const float* const* src, const float* w, int64_t nw, float* dst,
+                              int64_t d0, int64_t d1) {
+#if defined(__AVX512F__) && MHA_CPU_VEC_BYTES == 64
+    if (d1 <= d0) return;
+    const __mmask16 k = static_cast<__mmask16>((1u << (d1 - d0)) - 1u);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t q = 0; q < nw; ++q) {
+        a = _mm512_fmadd_ps(_mm512_set1_ps(w[q]), _mm512_maskz_loadu_ps(k, src[q] + d0), a);
+    }
+    _mm512_mask_storeu_ps(dst + d0, k, a);
+#else
+    for (int64_t d = d0; d < d1; ++d) {
+        float a = 0;
+        for (int64_t q = 0; q < nw; ++q) a += w[q] * src[q][d];
+        dst[d] = a;
+    }
+#endif
+}
+inline void merge_part_vector(const double* const* src, const double* w, int64_t nw, double* dst,
+                              int64_t d0, int64_t d1) {
+#if defined(__AVX512F__) && MHA_CPU_VEC_BYTES == 64
+    if (d1 <= d0) return;
+    const __mmask8 k = static_cast<__mmask8>((1u << (d1 - d0)) - 1u);
+    __m512d a = _mm512_setzero_pd();
+    for (int64_t q = 0; q < nw; ++q) {
+        a = _mm512_fmadd_pd(_mm512_set1_pd(w[q]), _mm512_maskz_loadu_pd(k, src[q] + d0), a);
+    }
+    _mm512_mask_storeu_pd(dst + d0, k, a);
+#else
+    for (int64_t d = d0; d < d1; ++d) {
+        double a = 0;
+        for (int64_t q = 0; q < nw; ++q) a += w[q] * src[q][d];
+        dst[d] = a;
+    }
+#endif
+}
+
+// The whole row. stream: the vector stores are non-temporal, so they start at the first
+// vector-aligned element of dst (the elements before it, and the tail, go out as plain
+// stores: one partly written line at each end of the row).
 template <typename A>
 inline void merge_row_same(const A* const* src, const A* w, int64_t nw, A* dst, int64_t dv,
                            bool stream) {
     using V = vec_t<A>;
     constexpr int64_t kW = Vec<A>::kWidth;
     int64_t d = 0;
+    if (stream) {
+        const uintptr_t at = reinterpret_cast<uintptr_t>(dst);
+        if (at % sizeof(A) != 0) {
+            stream = false;
+        } else {
+            d = min_of<int64_t>(dv, static_cast<int64_t>((MHA_CPU_VEC_BYTES - at % MHA_CPU_VEC_BYTES) %
+                                                         MHA_CPU_VEC_BYTES / sizeof(A)));
+            merge_part_vector(src, w, nw, dst, 0, d);
+        }
+    }
     for (; d + 4 * kW <= dv; d += 4 * kW) {
         V a0{}, a1{}, a2{}, a3{};
         for (int64_t q = 0; q < nw; ++q) {
@@ -86,11 +137,7 @@ inline void merge_row_same(const A* const* src, const A* w, int64_t nw, A* dst, 
         for (int64_t q = 0; q < nw; ++q) a += vbroadcast(w[q]) * vload(src[q] + d);
         merge_put(dst + d, a, stream);
     }
-    for (; d < dv; ++d) {
-        A a = 0;
-        for (int64_t q = 0; q < nw; ++q) a += w[q] * src[q][d];
-        dst[d] = a;
-    }
+    merge_part_vector(src, w, nw, dst, d, dv);
 }
 
 // float16 / bfloat16: each part's row converted and weighted into tmp, summed into acc.
@@ -162,7 +209,7 @@ void merge_rows(const MergeParams& p) {
     int threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
     if (!parallel) threads = 1;
     constexpr bool same = sizeof(T) == sizeof(A);  // float / double: no conversion
-    const bool stream = kMergeCanStream && same && dv % kW == 0 &&
+    const bool stream = kMergeCanStream && same && dv >= 4 * kW &&
                         rows * dv * static_cast<int64_t>(sizeof(T)) >= kMergeStreamBytes;
     // Per thread: lse and weights [part][row of the block], max and sum per row, the row's
     // part pointers and weights, two rows of accum_t (conversion only).
@@ -252,9 +299,7 @@ void merge_rows(const MergeParams& p) {
                         wr[nw] = ew[q * kR + rr] * inv;
                         ++nw;
                     }
-                    const bool aligned =
-                        (reinterpret_cast<uintptr_t>(dst) % MHA_CPU_VEC_BYTES) == 0;
-                    merge_row<T, A>(src, wr, nw, dst, dv, stream && aligned, acc, tmp);
+                    merge_row<T, A>(src, wr, nw, dst, dv, stream, acc, tmp);
                 }
                 if (lse_out != nullptr) lse_out[r0 + rr] = lse;
             }
