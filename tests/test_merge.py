@@ -212,11 +212,13 @@ def merge_ref(outs, lses):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape, parts", [((2, 3, 37, 100), 3), ((1, 2, 5, 3), 2),
-                                          ((4, 16, 256, 128), 2), ((2, 4, 130, 72), 5)])
+                                          ((4, 16, 256, 128), 2), ((2, 4, 130, 72), 5),
+                                          ((2, 8, 320, 200), 3)])
 def test_every_path_against_the_formula(rng, simd, dtype, shape, parts):
     """Each CPU path's merge kernel (kernel/merge.h): row blocks that end mid-block, head dims
     off the vector width, outputs large enough for the threaded, non-temporal store path (8 MB
-    for float32), -inf parts, all-empty rows and NaN rows."""
+    for float32; rows one after another run as flat blocks, Dv = 200 puts row ends inside a
+    vector), -inf parts, all-empty rows and NaN rows (their blocks go row by row)."""
     outs = [rng.standard_normal(shape).astype(dtype) for _ in range(parts)]
     lses = [(3 * rng.standard_normal(shape[:3])).astype(np.float64 if dtype == np.float64
                                                        else np.float32) for _ in range(parts)]

@@ -11,7 +11,11 @@
 //                register-blocked (4 vectors of accum_t across all parts), and the merged row
 //                goes out with non-temporal stores when the output is large (no
 //                read-for-ownership of the destination, as memcpy does for big copies).
-//                float16 / bfloat16 convert through a row buffer in float.
+//                When the output and every part hold their rows one after another and a
+//                block has no empty / NaN row, the block runs as one flat stretch of
+//                nr * Dv elements (merge_block_flat), aligned to the vector whatever the row
+//                boundaries; otherwise row by row, with a masked head up to the first
+//                aligned vector. float16 / bfloat16 convert through a row buffer in float.
 // Part of the CPU kernel compiled once per instruction set (see attention_cpu_isa.cpp):
 // include only from there, inside namespace mha::MHA_CPU_NS, no STL templates.
 #pragma once
@@ -140,6 +144,66 @@ inline void merge_row_same(const A* const* src, const A* w, int64_t nw, A* dst, 
     merge_part_vector(src, w, nw, dst, d, dv);
 }
 
+template <typename A>
+struct MergeLane;
+template <>
+struct MergeLane<float> {
+    typedef int32_t type;
+};
+template <>
+struct MergeLane<double> {
+    typedef int64_t type;
+};
+
+// A block of nr whole rows that are one run of nr * dv elements in the output and in every
+// part (C-contiguous rows), none of them empty or NaN: the run is written in vector-aligned
+// non-temporal pieces whatever the row boundaries, so a result that starts off the vector
+// boundary (np.empty gives 16 bytes past one) needs no partial line per row; a vector that
+// straddles two rows takes each lane's row weight. w: the normalised weights [part][row].
+template <typename A>
+inline void merge_block_flat(const A* const* part, const A* w, int64_t n, int64_t ldw, A* dst,
+                             int64_t nr, int64_t dv, A* wr) {
+    using V = vec_t<A>;
+    using VI = typename Vec<A>::itype;
+    constexpr int64_t kW = Vec<A>::kWidth;
+    const int64_t total = nr * dv;
+    const uintptr_t at = reinterpret_cast<uintptr_t>(dst);
+    const int64_t head = min_of<int64_t>(
+        total, static_cast<int64_t>((MHA_CPU_VEC_BYTES - at % MHA_CPU_VEC_BYTES) % MHA_CPU_VEC_BYTES /
+                                    sizeof(A)));
+    for (int64_t q = 0; q < n; ++q) wr[q] = w[q * ldw];
+    merge_part_vector(part, wr, n, dst, 0, head);  // inside row 0 (head < kW <= dv)
+    VI lane{};
+    for (int64_t x = 0; x < kW; ++x) lane[x] = static_cast<typename MergeLane<A>::type>(x);
+    int64_t e = head, row = 0;
+    for (; e + kW <= total; e += kW) {
+        if (e >= (row + 1) * dv) ++row;  // kW <= dv: at most one row per vector
+        const int64_t bound = (row + 1) * dv;
+        V acc{};
+        if (e + kW <= bound) {
+            for (int64_t q = 0; q < n; ++q) acc += vbroadcast(w[q * ldw + row]) * vload(part[q] + e);
+        } else {
+            const VI first = lane < static_cast<typename MergeLane<A>::type>(bound - e);
+            for (int64_t q = 0; q < n; ++q) {
+                const V wq = first ? vbroadcast(w[q * ldw + row]) : vbroadcast(w[q * ldw + row + 1]);
+                acc += wq * vload(part[q] + e);
+            }
+        }
+        vstream(dst + e, acc);
+    }
+    if (e < total) {  // inside the last row (total is a row end, total - e < kW <= dv)
+        for (int64_t q = 0; q < n; ++q) wr[q] = w[q * ldw + nr - 1];
+        merge_part_vector(part, wr, n, dst, e, total);
+    }
+}
+
+// Whether (batch, head, seq) strides lay the rows out one after another, dv apart (an axis
+// of size 1 may have any stride).
+inline bool merge_rows_flat(int64_t sb, int64_t sh, int64_t sl, int64_t B, int64_t H, int64_t L,
+                            int64_t dv) {
+    return (L == 1 || sl == dv) && (H == 1 || sh == L * dv) && (B == 1 || sb == H * L * dv);
+}
+
 // float16 / bfloat16: each part's row converted and weighted into tmp, summed into acc.
 template <typename T, typename A>
 inline void merge_row_convert(const T* const* src, const A* w, int64_t nw, T* dst, int64_t dv,
@@ -166,6 +230,20 @@ template <>
 inline void merge_row<double, double>(const double* const* src, const double* w, int64_t nw,
                                       double* dst, int64_t dv, bool stream, double*, double*) {
     merge_row_same(src, w, nw, dst, dv, stream);
+}
+
+template <typename T, typename A>
+inline void merge_flat(const T* const*, const A*, int64_t, int64_t, T*, int64_t, int64_t, A*) {}
+template <>
+inline void merge_flat<float, float>(const float* const* part, const float* w, int64_t n,
+                                     int64_t ldw, float* dst, int64_t nr, int64_t dv, float* wr) {
+    merge_block_flat(part, w, n, ldw, dst, nr, dv, wr);
+}
+template <>
+inline void merge_flat<double, double>(const double* const* part, const double* w, int64_t n,
+                                       int64_t ldw, double* dst, int64_t nr, int64_t dv,
+                                       double* wr) {
+    merge_block_flat(part, w, n, ldw, dst, nr, dv, wr);
 }
 
 template <typename T>
@@ -224,6 +302,13 @@ void merge_rows(const MergeParams& p) {
     const A nan = std::numeric_limits<A>::quiet_NaN();
     T* const out = static_cast<T*>(p.out);
     A* const lse_out = static_cast<A*>(p.lse);
+    // Every array lays its rows out one after another: blocks may run as one flat stretch.
+    bool flat = stream && merge_rows_flat(p.out_stride_batch, p.out_stride_head, p.out_stride_seq,
+                                          p.batch, H, L, dv);
+    for (int64_t q = 0; q < n && flat; ++q) {
+        const int64_t* s = p.out_strides + 3 * q;
+        flat = merge_rows_flat(s[0], s[1], s[2], p.batch, H, L, dv);
+    }
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         char* base = scratch_base + per_thread * static_cast<int64_t>(omp_get_thread_num());
@@ -273,6 +358,29 @@ void merge_rows(const MergeParams& p) {
                 }
                 vstore(mx + c, bad != 0 ? vbroadcast(nan) : m);
                 vstore(tot + c, t);
+            }
+            if (flat) {
+                bool plain = true;  // no empty part, no NaN or infinite lse in the block
+                for (int64_t q = 0; q < n && plain; ++q) {
+                    for (int64_t rr = 0; rr < nr; ++rr) plain &= std::isfinite(lw[q * kR + rr]);
+                }
+                if (plain) {
+                    for (int64_t rr = 0; rr < nr; ++rr) {
+                        const A total = tot[rr];
+                        const A inv = A(1) / total;
+                        for (int64_t q = 0; q < n; ++q) ew[q * kR + rr] *= inv;
+                        if (lse_out != nullptr) lse_out[r0 + rr] = mx[rr] + std::log(total);
+                    }
+                    for (int64_t q = 0; q < n; ++q) {
+                        const int64_t* s = p.out_strides + 3 * q;
+                        src[q] = static_cast<const T*>(p.outs[q]) + first.b * s[0] +
+                                 first.h * s[1] + first.i * s[2];
+                    }
+                    T* dst = out + first.b * p.out_stride_batch + first.h * p.out_stride_head +
+                             first.i * p.out_stride_seq;
+                    merge_flat<T, A>(src, ew, n, kR, dst, nr, dv, wr);
+                    continue;
+                }
             }
             MergeRowIndex x = first;
             for (int64_t rr = 0; rr < nr; ++rr, x.next(H, L)) {
