@@ -159,6 +159,7 @@ double cuda_last_copy_ms() {
 }
 
 std::string set_cpu_simd(const std::string& name) { return attention_cpu_set_simd(name); }
+void cpu_vector_tanh(const float* x, float* y, int64_t n) { attention_cpu_tanh(x, y, n); }
 
 BuildInfo build_info() {
     BuildInfo info;

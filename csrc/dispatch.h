@@ -34,6 +34,8 @@ const char* nn_simd();
 // Tests and benchmarks: later CPU calls take the instruction-set path `name` (one of
 // build_info().simd_supported, else std::invalid_argument); returns the previous one.
 std::string set_cpu_simd(const std::string& name);
+// Tests only: the CPU kernel's vectorised float tanh on the chosen path (attention_cpu_tanh).
+void cpu_vector_tanh(const float* x, float* y, int64_t n);
 
 // Facts about the build and the machine, for build_info().
 struct BuildInfo {

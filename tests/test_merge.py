@@ -193,3 +193,78 @@ def test_fuzz_shard_splits(lk, cuts, lq, causal, seed):
                                             return_weights=True)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def merge_ref(outs, lses):
+    """float64 merge straight from the formula (-inf parts nothing, all -inf: 0 / -inf)."""
+    l = np.stack([np.asarray(x, np.float64) for x in lses])
+    o = np.stack([np.asarray(x).astype(np.float64) for x in outs])
+    m = l.max(axis=0)
+    ms = np.where(np.isneginf(m), 0.0, m)
+    w = np.exp(l - ms)
+    tot = w.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(np.isneginf(m), -np.inf, ms + np.log(tot))
+        wn = np.where(np.isneginf(l), 0.0, w / np.where(tot == 0, 1, tot))
+    out = np.einsum("p...,p...d->...d", wn, np.where(np.isneginf(l)[..., None], 0.0, o))
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape, parts", [((2, 3, 37, 100), 3), ((1, 2, 5, 3), 2),
+                                          ((4, 16, 256, 128), 2), ((2, 4, 130, 72), 5),
+                                          ((2, 8, 320, 200), 3)])
+def test_every_path_against_the_formula(rng, simd, dtype, shape, parts):
+    """Each CPU path's merge kernel (kernel/merge.h): row blocks that end mid-block, head dims
+    off the vector width, outputs large enough for the threaded, non-temporal store path (8 MB
+    for float32; rows one after another run as flat blocks, Dv = 200 puts row ends inside a
+    vector), -inf parts, all-empty rows and NaN rows (their blocks go row by row)."""
+    outs = [rng.standard_normal(shape).astype(dtype) for _ in range(parts)]
+    lses = [(3 * rng.standard_normal(shape[:3])).astype(np.float64 if dtype == np.float64
+                                                       else np.float32) for _ in range(parts)]
+    lses[0][0, 0, :4] = -np.inf            # one part empty
+    for x in lses:
+        x[0, -1, -1] = -np.inf             # every part empty
+    lses[-1][-1, 0, 1] = np.nan            # a NaN row
+    out, lse = mha_ext.merge(outs, lses, num_threads=2)
+    ref_out, ref_lse = merge_ref(outs, lses)
+    assert out.dtype == np.dtype(dtype) and out.shape == shape
+    nan_row = np.zeros(shape[:3], bool)
+    nan_row[-1, 0, 1] = True
+    assert np.isnan(out[nan_row]).all() and np.isnan(lse[nan_row]).all()
+    assert (out[0, -1, -1] == 0).all() and np.isneginf(lse[0, -1, -1])
+    tol = 1e-12 if dtype == np.float64 else 1e-5 if dtype == np.float32 else 2e-2
+    ok = ~nan_row
+    np.testing.assert_allclose(out[ok].astype(np.float64), ref_out[ok], rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse[ok], ref_lse[ok], rtol=tol, atol=tol)
+    # The same into a caller's buffer that is not vector-aligned (one element in).
+    raw = np.zeros(int(np.prod(shape)) + 1, dtype)
+    buf = raw[1:].reshape(shape)
+    out2, lse2 = mha_ext.merge(outs, lses, num_threads=2, out=buf)
+    assert out2 is buf
+    np.testing.assert_array_equal(out2[ok], out[ok])
+    np.testing.assert_array_equal(lse2, lse)
+
+
+def test_out_is_checked(rng):
+    o = [rng.standard_normal((2, 3, 4, 8)).astype(np.float32) for _ in range(2)]
+    l = [rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(2)]
+    ref, _ = mha_ext.merge(o, l)
+    buf = np.empty_like(ref)
+    got, _ = mha_ext.merge(o, l, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, ref)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        mha_ext.merge(o, l, out=np.empty((2, 3, 4, 7), np.float32))
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        mha_ext.merge(o, l, out=np.empty((2, 3, 4, 8), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        mha_ext.merge(o, l, out=np.empty((2, 3, 4, 16), np.float32)[..., ::2])
+    ro = np.empty_like(ref)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        mha_ext.merge(o, l, out=ro)
+    with pytest.raises(ValueError, match="share memory"):
+        mha_ext.merge(o, l, out=o[1])
+    with pytest.raises(TypeError, match="out: expected a NumPy array"):
+        mha_ext.merge(o, l, out=[0.0])

@@ -28,6 +28,8 @@ namespace mha {
     void attention_forward_varlen(const VarlenParams& params);   \
     void attention_forward_kvcache(const KvcacheParams& params); \
     void attention_backward(const BackwardParams& params);      \
+    void merge(const MergeParams& params);                       \
+    void vector_tanh(const float* x, float* y, int64_t n);      \
     }
 MHA_CPU_DECLARE_ISA(cpu_generic)
 #if defined(MHA_CPU_HAVE_avx2)
@@ -101,6 +103,8 @@ struct CpuIsa {
     void (*varlen)(const VarlenParams&);
     void (*kvcache)(const KvcacheParams&);
     void (*backward)(const BackwardParams&);
+    void (*merge)(const MergeParams&);
+    void (*tanh)(const float*, float*, int64_t);  // vtanh (vec.h), for the tests
 };
 
 // Best first; generic, the portable build, is always last and always supported.
@@ -108,12 +112,14 @@ const CpuIsa kIsas[] = {
 #if defined(MHA_CPU_HAVE_amx)
     {"amx", [] { return x86().amx_bf16; }, &cpu_amx::attention_forward,
      &cpu_amx::attention_forward_naive, &cpu_amx::attention_forward_varlen,
-     &cpu_amx::attention_forward_kvcache, &cpu_amx::attention_backward},
+     &cpu_amx::attention_forward_kvcache, &cpu_amx::attention_backward,
+     &cpu_amx::merge, &cpu_amx::vector_tanh},
 #endif
 #if defined(MHA_CPU_HAVE_avx512)
     {"avx512", [] { return x86().avx512; }, &cpu_avx512::attention_forward,
      &cpu_avx512::attention_forward_naive, &cpu_avx512::attention_forward_varlen,
-     &cpu_avx512::attention_forward_kvcache, &cpu_avx512::attention_backward},
+     &cpu_avx512::attention_forward_kvcache, &cpu_avx512::attention_backward,
+     &cpu_avx512::merge, &cpu_avx512::vector_tanh},
 #endif
 #if defined(MHA_CPU_HAVE_avx2)
     {"avx2",
@@ -124,11 +130,12 @@ const CpuIsa kIsas[] = {
      },
      &cpu_avx2::attention_forward, &cpu_avx2::attention_forward_naive,
      &cpu_avx2::attention_forward_varlen, &cpu_avx2::attention_forward_kvcache,
-     &cpu_avx2::attention_backward},
+     &cpu_avx2::attention_backward, &cpu_avx2::merge, &cpu_avx2::vector_tanh},
 #endif
     {"generic", [] { return true; }, &cpu_generic::attention_forward,
      &cpu_generic::attention_forward_naive, &cpu_generic::attention_forward_varlen,
-     &cpu_generic::attention_forward_kvcache, &cpu_generic::attention_backward},
+     &cpu_generic::attention_forward_kvcache, &cpu_generic::attention_backward,
+     &cpu_generic::merge, &cpu_generic::vector_tanh},
 };
 constexpr int kNumIsas = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
 
@@ -227,6 +234,18 @@ void attention_backward_cpu(const BackwardParams& params) {
     const CpuIsa* isa = choice().isa.load(std::memory_order_acquire);
     if (isa == nullptr) throw std::runtime_error(choice().info.error);
     isa->backward(params);
+}
+
+void attention_cpu_merge(const MergeParams& params) {
+    const CpuIsa* isa = choice().isa.load(std::memory_order_acquire);
+    if (isa == nullptr) throw std::runtime_error(choice().info.error);
+    isa->merge(params);
+}
+
+void attention_cpu_tanh(const float* x, float* y, int64_t n) {
+    const CpuIsa* isa = choice().isa.load(std::memory_order_acquire);
+    if (isa == nullptr) throw std::runtime_error(choice().info.error);
+    isa->tanh(x, y, n);
 }
 
 void attention_forward_cpu_naive(const AttentionParams& params) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backward_params.h"
+#include "merge_params.h"
 #include "params.h"
 
 namespace mha {
@@ -34,6 +35,13 @@ struct CpuSimd {
     std::string note;  // e.g. why a path the CPU has is not used (the OS refused AMX state)
 };
 const CpuSimd& attention_cpu_simd();
+
+// Merge of partial results (SPEC 6.1, kernel/merge.h) on the chosen instruction set.
+void attention_cpu_merge(const MergeParams& params);
+
+// Tests only: y[i] = the kernel's vectorised float tanh (vtanh, kernel/vec.h) of x[i] on the
+// chosen instruction set; the softcap and the additive score run on it.
+void attention_cpu_tanh(const float* x, float* y, int64_t n);
 
 // Tests and benchmarks only: switch the path of later calls to `name` (one of `supported`;
 // std::invalid_argument otherwise) and return the previous one. Not for use while other

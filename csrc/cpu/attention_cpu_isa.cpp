@@ -29,6 +29,8 @@
 //                              whose heads are interleaved per key, and attention's blhd
 //                              decode, run tasks of key chunks over all heads
 //                              (kernel/decode_span.h).
+//   merge                      partial results over key shards combined by lse (SPEC 6.1,
+//                              kernel/merge.h): one pass over the parts' rows.
 //   attention_backward         tiled backward (kernel/backward.h, SPEC 6.4): FlashAttention-2's
 //                              algorithm over key blocks, P recomputed from lse.
 //
@@ -37,6 +39,7 @@
 // its row: output, weights and lse become NaN, never a silent 0.
 #include "cpu/attention_cpu.h"
 #include "cpu/kernel/backward.h"
+#include "cpu/kernel/merge.h"
 #include "cpu/kernel/naive.h"
 #include "cpu/kernel/serving.h"
 #include "cpu/kernel/tile_loop.h"
@@ -69,6 +72,22 @@ void attention_forward_kvcache(const KvcacheParams& p) {
 
 void attention_backward(const BackwardParams& p) {
     MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { backward_blocked<T, A>(p); });
+}
+
+void merge(const MergeParams& p) {
+    MHA_DTYPE_SWITCH(p.dtype, f16, bf16, T, A, [&] { merge_rows<T, A>(p); });
+}
+
+void vector_tanh(const float* x, float* y, int64_t n) {
+    constexpr int64_t kW = Vec<float>::kWidth;
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) vstore(y + i, vtanh(vload(x + i)));
+    if (i < n) {  // the tail through one padded vector
+        float buf[kW] = {};
+        for (int64_t t = i; t < n; ++t) buf[t - i] = x[t];
+        vstore(buf, vtanh(vload(buf)));
+        for (int64_t t = i; t < n; ++t) y[t] = buf[t - i];
+    }
 }
 
 }  // namespace MHA_CPU_NS

@@ -5,8 +5,9 @@
 
 namespace mha {
 
-// One pass over the parts' outputs: each row reads its parts' lse, then streams their output
-// rows once. OpenMP over rows for large inputs.
+// One pass over the parts' outputs (cpu/kernel/merge.h): per block of rows the weights come
+// from the lse arrays alone, then each row streams its parts' rows once. OpenMP over
+// contiguous row blocks for large inputs; the instruction-set path of attention_cpu.cpp.
 void merge_cpu(const MergeParams& params);
 
 }  // namespace mha
