@@ -59,6 +59,12 @@ step "import check (the sanitized module loads under the preloaded runtime)"
 #  - test_leaks.py: RSS thresholds are meaningless under ASan's quarantine/shadow memory.
 #  - test_ctrl_c_interrupts_a_long_call: a 0.5 s latency budget on multi-second calls,
 #    which instrumented code stretches several-fold.
+#  - test_fork_while_other_threads_hold_or_run_a_pool: it forks while another thread is
+#    allocating. GCC 12's ASan allocator has no fork handlers, so now and then the child
+#    inherits one of its size-class mutexes locked by a thread that does not exist there and
+#    hangs in its first malloc (seen: 2 hangs in 25 runs, gdb on the child: both threads in
+#    __sanitizer::SizeClassAllocator64::GetFromAllocator). glibc's malloc takes its locks
+#    around fork, so the uninstrumented suite runs this test (every other fork test runs here).
 #  - the PyTorch cross-checks (test_torch.py, test_layers.py, benchmarks smoke) skip
 #    themselves: torch is not installed in this venv to keep the run short. The layers are
 #    pure Python over the same native call, which the rest of the suite covers.
@@ -69,7 +75,7 @@ set +e
 ( cd "$root" && run_sanitized "$venv/bin/python" -m pytest -p no:cacheprovider -q \
   -m "not slow" \
   --ignore tests/test_leaks.py \
-  -k "not test_ctrl_c_interrupts_a_long_call" \
+  -k "not test_ctrl_c_interrupts_a_long_call and not test_fork_while_other_threads_hold_or_run_a_pool" \
   tests 2>&1 ) | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
